@@ -1,0 +1,44 @@
+"""Dense subnet extraction and StableHLO serialisation.
+
+``extract_subnet`` is the proof that the supernet's masks mean what they claim: it slices the
+supernet's parameters (kernel transforms baked in) into an ordinary Flax model with static
+shapes whose eval-mode outputs equal the masked supernet's. ``save_stablehlo`` serialises such a
+model with ``jax.export`` so it can be served by plain JAX, without ofajax.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def extract_subnet(model, variables: dict, arch, space=None):
+  """Returns ``(dense_model, dense_variables)`` for ``arch`` (validated on the host first)."""
+  space = model.search_space() if space is None else space
+  arch = space.validate(arch)
+  return model.dense_model(arch), model.slice_variables(variables, arch)
+
+
+def save_stablehlo(dense_model, dense_variables: dict, path: str, resolution: int,
+                   in_channels: int) -> jax.export.Exported:
+  """Serialises ``x -> logits`` (eval mode, weights baked in, any batch size) to ``path``."""
+  def forward(x):
+    return dense_model.apply(dense_variables, x, train=False)
+
+  batch = jax.export.symbolic_shape("batch")[0]
+  spec = jax.ShapeDtypeStruct((batch, resolution, resolution, in_channels), jnp.float32)
+  exported = jax.export.export(jax.jit(forward))(spec)
+  with open(path, "wb") as f:
+    f.write(exported.serialize())
+  return exported
+
+
+def load_stablehlo(path: str):
+  """Loads a file written by :func:`save_stablehlo`; call it as ``fn(x)``."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    exported = jax.export.deserialize(bytearray(data))
+  except Exception as e:  # corrupt or foreign file: say which and why
+    raise ValueError(f"{path} is not a StableHLO artifact written by save_stablehlo: {e}") from e
+  return exported.call

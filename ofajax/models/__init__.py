@@ -1,0 +1,46 @@
+"""Supernet registry: ``model, space = ofajax.models.get(name, **overrides)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Callable
+
+from ofajax.models.mobilenet import MobileNet
+from ofajax.models.ofa_mbv3 import OFAMobileNetV3
+from ofajax.models import ofa_mbv3 as _ofa_mbv3
+from ofajax.models import slim_mobilenet_v2 as _slim
+from ofajax.models.slim_mobilenet_v2 import SlimMobileNetV2
+from ofajax.space import SearchSpace
+
+# name -> (model class, default field overrides, how the space is made from the model)
+_REGISTRY: dict[str, tuple[type, dict, Callable]] = {
+    "ofa_mbv3": (OFAMobileNetV3, {}, lambda m: m.search_space()),
+    "ofa_mbv3_tiny": (OFAMobileNetV3, _ofa_mbv3.TINY, lambda m: m.search_space()),
+    "compofa_mbv3": (OFAMobileNetV3, {}, lambda m: m.compofa_space()),
+    "compofa_mbv3_tiny": (OFAMobileNetV3, _ofa_mbv3.TINY, lambda m: m.compofa_space()),
+    "slim_mobilenet_v2": (SlimMobileNetV2, {}, lambda m: m.search_space()),
+    "slim_mobilenet_v2_tiny": (SlimMobileNetV2, _slim.TINY, lambda m: m.search_space()),
+}
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def get(name: str, **overrides) -> tuple:
+  """Builds a supernet and its search space: ``get("ofa_mbv3", width_mult=1.2)``."""
+  if name not in _REGISTRY:
+    close = difflib.get_close_matches(name, _REGISTRY, n=3)
+    raise ValueError(f"unknown model {name!r}; known models are {names()}"
+                     + (f" (did you mean {close}?)" if close else ""))
+  cls, defaults, make_space = _REGISTRY[name]
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"{name}: unknown options {unknown}; options are {sorted(fields)}")
+  model = cls(**{**defaults, **overrides})
+  return model, make_space(model)
+
+
+__all__ = ["get", "names", "MobileNet", "OFAMobileNetV3", "SlimMobileNetV2", "SearchSpace"]

@@ -1,0 +1,2 @@
+TINY = {}
+class SlimMobileNetV2: pass
