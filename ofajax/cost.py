@@ -20,6 +20,7 @@ def count(model, arch, resolution: int) -> dict:
     traced = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), arch)
     macs, params = model.cost(traced, int(resolution))
     return {"macs": jnp.asarray(macs, jnp.float32), "params": jnp.asarray(params, jnp.float32)}
+  arch = model.search_space().validate(arch)
   host = jax.tree.map(lambda v: np.asarray(v, np.int64), arch)
   macs, params = model.cost(host, int(resolution))
   return {"macs": int(macs), "params": int(params)}

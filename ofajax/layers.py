@@ -103,9 +103,14 @@ def depthwise_conv2d(x, kernel, stride: int = 1, impl: str = "shift"):
   return out
 
 
-def _conv_init(fan_out_kernel: bool = True):
-  # OFA initialises convs with He (fan_out) normal; variance_scaling(2, fan_out) is the same.
-  return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# OFA's initialisation ("he_fout"): convs (SE's 1x1 convs too) N(0, 2 / (k*k*out)), biases zero;
+# linear layers U(-1/sqrt(in), 1/sqrt(in)). Untruncated normals also compile faster than
+# truncated ones, which matters with ~100 parameters per supernet.
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -157,7 +162,7 @@ class ElasticConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, out_active=None, update=True):
-    kernel = self.param("kernel", _conv_init(), (self.kernel_size, self.kernel_size, x.shape[-1],
+    kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size, x.shape[-1],
                                                  self.features))
     mask = channel_mask(out_active, self.features)
     y = conv2d(x, kernel, self.stride)
@@ -179,7 +184,7 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kernel = self.param("kernel", _conv_init(), (self.kernel_size, self.kernel_size, x.shape[-1],
+    kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size, x.shape[-1],
                                                  self.features))
     y = conv2d(x, kernel, self.stride)
     y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(y)
@@ -221,7 +226,7 @@ class DepthwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", _conv_init(), (self.kernel_size, self.kernel_size, 1,
+    kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size, 1,
                                                  x.shape[-1]))
     return depthwise_conv2d(x, kernel, self.stride, self.impl)
 
@@ -242,7 +247,7 @@ class ElasticDepthwiseConv(nn.Module):
   def __call__(self, x, kernel_size=None):
     choices = sorted(self.kernel_choices)
     kmax = choices[-1]
-    kernel = self.param("kernel", _conv_init(), (kmax, kmax, 1, x.shape[-1]))
+    kernel = self.param("kernel", CONV_INIT, (kmax, kmax, 1, x.shape[-1]))
     transforms = self._transforms(choices)
     if kernel_size is None or len(choices) == 1:
       return depthwise_conv2d(x, kernel, self.stride, self.impl)
@@ -283,10 +288,10 @@ class ElasticSqueezeExcite(nn.Module):
     c = x.shape[-1]
     hidden_max = se_channels(c)
     pooled = jnp.mean(x, axis=(1, 2))
-    hidden = nn.Dense(hidden_max, name="reduce")(pooled)
+    hidden = nn.Dense(hidden_max, kernel_init=CONV_INIT, name="reduce")(pooled)
     hidden_active = None if active is None else se_channels(active)
     hidden = jax.nn.relu(hidden) * channel_mask(hidden_active, hidden_max)
-    gate = h_sigmoid(nn.Dense(c, name="expand")(hidden))
+    gate = h_sigmoid(nn.Dense(c, kernel_init=CONV_INIT, name="expand")(hidden))
     return x * gate[:, None, None, :]
 
   @staticmethod
@@ -304,8 +309,8 @@ class SqueezeExcite(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    hidden = jax.nn.relu(nn.Dense(se_channels(c), name="reduce")(jnp.mean(x, axis=(1, 2))))
-    return x * h_sigmoid(nn.Dense(c, name="expand")(hidden))[:, None, None, :]
+    hidden = jax.nn.relu(nn.Dense(se_channels(c), kernel_init=CONV_INIT, name="reduce")(jnp.mean(x, axis=(1, 2))))
+    return x * h_sigmoid(nn.Dense(c, kernel_init=CONV_INIT, name="expand")(hidden))[:, None, None, :]
 
 
 # --------------------------------------------------------------------------- MBConv
@@ -401,17 +406,29 @@ class ElasticMBConv(nn.Module):
     return {"params": params, "batch_stats": stats}
 
 
-def mbconv_cost(spec: Any, hw: int):
+def spatial_taps(size: int, kernel, stride: int, exclude_padding: bool = False):
+  """Multiply-adds per channel pair of a k x k conv on a size x size input: output positions x
+  taps. OFA counts every tap; XLA's cost analysis skips taps that land on the zero padding
+  (``exclude_padding=True``, static ints only)."""
+  out = (size - 1) // stride + 1  # conv_output_size for any odd kernel with pad k // 2
+  if not exclude_padding:
+    return out * out * kernel * kernel
+  pad = kernel // 2
+  per_axis = sum(1 for o in range(out) for t in range(kernel) if 0 <= o * stride - pad + t < size)
+  return per_axis * per_axis
+
+
+def mbconv_cost(spec: Any, hw: int, exclude_padding: bool = False):
   """OFA-convention MACs and params of one block given as a BlockSpec-like object whose
   channel / kernel fields may be traced ints; ``hw`` is the (static) input size."""
-  out_hw = (hw - 1) // spec.stride + 1  # conv_output_size for any odd kernel with pad k // 2
+  out_hw = (hw - 1) // spec.stride + 1
   cin, mid, cout, k = spec.in_channels, spec.mid_channels, spec.out_channels, spec.kernel_size
   macs = 0
   params = 0
   if spec.has_expand:
     macs = macs + hw * hw * cin * mid
     params = params + cin * mid + 2 * mid
-  macs = macs + out_hw * out_hw * mid * k * k
+  macs = macs + spatial_taps(hw, k, spec.stride, exclude_padding) * mid
   params = params + k * k * mid + 2 * mid
   if spec.use_se:
     hidden = se_channels(mid)

@@ -201,8 +201,8 @@ class SearchSpace:
       idx = _first_true(mask[..., ::-1]) if last else _first_true(mask)
       if last:
         idx = mask.shape[-1] - 1 - idx
-      arch[leaf.name] = jnp.asarray(np.asarray(leaf.values)[idx], jnp.int32)
-    return arch
+      arch[leaf.name] = np.asarray(leaf.values, np.int32)[idx]
+    return {k: jnp.asarray(v) for k, v in arch.items()}
 
   # ---------------------------------------------------------------- sampling (pure JAX)
   def sample(self, key: jax.Array, tables: dict | None = None) -> Arch:
@@ -266,7 +266,7 @@ class SearchSpace:
           why = ""
           if leaf.parent is not None and v in leaf.values and self._allowed[leaf.name][pos][
               leaf.values.index(v)]:
-            ppos = pos[:-1]
+            ppos = tuple(int(i) for i in pos[:-1])
             why = f" when {leaf.parent}{list(ppos)} = {int(out[leaf.parent][ppos])}"
           raise ValueError(f"leaf {leaf.name!r}{where}: value {v} is not allowed{why}; "
                            f"allowed values are {allowed}")

@@ -38,14 +38,15 @@ class MobileNet(nn.Module):
     x = layers.ConvBN(self.head_width, act=self.head_act, name="head")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if self.feature_mix_width:
-      x = layers.h_swish(nn.Dense(self.feature_mix_width, use_bias=False, name="feature_mix")(x))
+      x = layers.h_swish(nn.Dense(self.feature_mix_width, use_bias=False, kernel_init=layers.LINEAR_INIT,
+                                     name="feature_mix")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name="classifier")(x)
+    return nn.Dense(self.num_classes, kernel_init=layers.LINEAR_INIT, name="classifier")(x)
 
 
 def mobilenet_cost(*, in_channels: int, resolution: int, stem_width, stem_stride: int,
                    blocks: Sequence[tuple[BlockSpec, object]], head_in, head_width,
-                   feature_mix_width, num_classes: int) -> tuple:
+                   feature_mix_width, num_classes: int, exclude_padding: bool = False) -> tuple:
   """(MACs, params) by OFA's counting convention, for static or traced widths.
 
   Convention (OFA's ``count_net_flops`` / ``count_parameters`` on the dense subnet, batch 1):
@@ -53,14 +54,15 @@ def mobilenet_cost(*, in_channels: int, resolution: int, stem_width, stem_stride
   including the taps that fall on zero padding; biases, BatchNorm, activations, pooling, SE's
   gating product and residual additions cost nothing. Params count conv / linear weights and
   biases and BN's scale and bias, not BN's running statistics nor the supernet-only kernel
-  transform matrices. ``blocks`` pairs each BlockSpec-like (fields may be traced ints) with a
+  transform matrices. ``exclude_padding=True`` gives XLA's convention instead (it skips the taps
+  on padding; it also counts 2 flops per MAC, plus one per elementwise op). ``blocks`` pairs each BlockSpec-like (fields may be traced ints) with a
   gate (1 = block runs, 0 = skipped by depth).
   """
   hw = layers.conv_output_size(resolution, 3, stem_stride)
-  macs = hw * hw * stem_width * 9 * in_channels
+  macs = layers.spatial_taps(resolution, 3, stem_stride, exclude_padding) * stem_width * in_channels
   params = 9 * in_channels * stem_width + 2 * stem_width
   for spec, gate in blocks:
-    block_macs, block_params = layers.mbconv_cost(spec, hw)
+    block_macs, block_params = layers.mbconv_cost(spec, hw, exclude_padding)
     macs = macs + gate * block_macs
     params = params + gate * block_params
     hw = (hw - 1) // spec.stride + 1
@@ -76,14 +78,15 @@ def mobilenet_cost(*, in_channels: int, resolution: int, stem_width, stem_stride
   return macs, params
 
 
-def dense_cost(model: MobileNet, resolution: int, in_channels: int) -> dict:
+def dense_cost(model: MobileNet, resolution: int, in_channels: int,
+               exclude_padding: bool = False) -> dict:
   """Analytic cost of a dense :class:`MobileNet` (Python ints)."""
   head_in = model.blocks[-1].out_channels if model.blocks else model.stem_width
   macs, params = mobilenet_cost(
       in_channels=in_channels, resolution=resolution, stem_width=model.stem_width,
       stem_stride=model.stem_stride, blocks=[(b, 1) for b in model.blocks], head_in=head_in,
       head_width=model.head_width, feature_mix_width=model.feature_mix_width,
-      num_classes=model.num_classes)
+      num_classes=model.num_classes, exclude_padding=exclude_padding)
   return {"macs": int(macs), "params": int(params)}
 
 

@@ -116,9 +116,10 @@ class OFAMobileNetV3(nn.Module):
         x = jnp.where(gate, y, x)
     x = layers.ElasticConvBN(widths[-2], act="h_swish", name="head")(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    x = layers.h_swish(nn.Dense(widths[-1], use_bias=False, name="feature_mix")(x))
+    x = layers.h_swish(nn.Dense(widths[-1], use_bias=False, kernel_init=layers.LINEAR_INIT,
+                                     name="feature_mix")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name="classifier")(x)
+    return nn.Dense(self.num_classes, kernel_init=layers.LINEAR_INIT, name="classifier")(x)
 
   # ------------------------------------------------------------------ dense subnet
   def block_specs(self, arch) -> list[BlockSpec]:

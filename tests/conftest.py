@@ -1,0 +1,35 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+def _perturb(variables, key):
+  """Random BN statistics and non-identity kernel transforms, so export checks are not trivial."""
+  stats_key, param_key = jax.random.split(key)
+
+  def stats(path, x):
+    k = jax.random.fold_in(stats_key, hash(jax.tree_util.keystr(path)) % (2**31))
+    if path[-1].key == "mean":
+      return 0.3 * jax.random.normal(k, x.shape)
+    return jax.random.uniform(k, x.shape, minval=0.5, maxval=2.0)
+
+  def params(path, x):
+    name = jax.tree_util.keystr(path)
+    k = jax.random.fold_in(param_key, hash(name) % (2**31))
+    if "transform_" in name or path[-1].key in ("scale", "bias"):
+      return x + 0.1 * jax.random.normal(k, x.shape)
+    return x
+
+  out = dict(variables)
+  out["batch_stats"] = jax.tree_util.tree_map_with_path(stats, variables["batch_stats"])
+  out["params"] = jax.tree_util.tree_map_with_path(params, variables["params"])
+  return out
+
+
+@pytest.fixture
+def perturb():
+  return _perturb
+
+
+def rel_err(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
