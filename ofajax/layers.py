@@ -121,7 +121,8 @@ class ElasticBatchNorm(nn.Module):
 
   Training normalises with the batch statistics of the subnet being run. Running statistics
   are only updated for active channels and only when ``update`` is true (a skipped block's
-  statistics stay as they were); ``ofajax.bn.calibrate_bn`` re-estimates them per subnet.
+  statistics stay as they were), and only when "batch_stats" is mutable;
+  ``ofajax.bn.calibrate_bn`` re-estimates them per subnet from the sown batch moments.
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -137,13 +138,16 @@ class ElasticBatchNorm(nn.Module):
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x, axes)
       var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axes) - jnp.square(mean))
-      if not self.is_initializing():
-        keep = jnp.asarray(update, bool)
-        if mask is not None:
-          keep = keep & (mask > 0)
+      keep = jnp.asarray(update, bool)
+      if mask is not None:
+        keep = keep & (mask > 0)
+      if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
         m = self.momentum
         ra_mean.value = jnp.where(keep, m * ra_mean.value + (1 - m) * mean, ra_mean.value)
         ra_var.value = jnp.where(keep, m * ra_var.value + (1 - m) * var, ra_var.value)
+      # Exact per-batch moments for ofajax.bn.calibrate_bn (a no-op unless it asks for them).
+      self.sow("bn_moments", "mean", jnp.where(keep, mean, ra_mean.value))
+      self.sow("bn_moments", "var", jnp.where(keep, var, ra_var.value))
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
@@ -167,7 +171,7 @@ class ElasticConvBN(nn.Module):
     mask = channel_mask(out_active, self.features)
     y = conv2d(x, kernel, self.stride)
     y = ElasticBatchNorm(name="bn")(y, train, mask, update)
-    return ACTIVATIONS[self.act](y) * mask
+    return ACTIVATIONS[self.act](y)  # every activation here maps 0 to 0, so no second mask
 
   @staticmethod
   def slice_variables(tree, in_active: int, out_active: int):
@@ -357,7 +361,8 @@ class ElasticMBConv(nn.Module):
   ``mid_channels`` / ``out_channels`` are the maximum widths. At call time ``mid_active``,
   ``kernel_size`` and ``out_active`` (traced ints, or None for the maximum) pick the subnet;
   the input's inactive channels are already zero. ``gate`` (traced bool) freezes the BN running
-  statistics of a block that the depth choice skips.
+  statistics of a block that the depth choice skips. With ``residual`` the caller guarantees the
+  input's active width equals ``out_active`` (slimmable nets tie them to one width group).
   """
   mid_channels: int
   out_channels: int
@@ -375,12 +380,16 @@ class ElasticMBConv(nn.Module):
                gate=True):
     act = ACTIVATIONS[self.act]
     mid_mask = channel_mask(mid_active, self.mid_channels)
+    if not self.has_expand and x.shape[-1] != self.mid_channels:
+      raise ValueError(f"a block without expand conv runs its depthwise on the input, so "
+                       f"mid_channels ({self.mid_channels}) must equal the input's channels "
+                       f"({x.shape[-1]})")
     y = x
     if self.has_expand:
       y = ElasticConvBN(self.mid_channels, act=self.act, name="expand")(y, train, mid_active, gate)
     y = ElasticDepthwiseConv(self.kernel_choices, self.stride, self.kernel_transform,
                              self.depthwise_impl, name="depthwise")(y, kernel_size)
-    y = act(ElasticBatchNorm(name="depthwise_bn")(y, train, mid_mask, gate)) * mid_mask
+    y = act(ElasticBatchNorm(name="depthwise_bn")(y, train, mid_mask, gate))
     if self.use_se:
       y = ElasticSqueezeExcite(name="se")(y, mid_active)
     y = ElasticConvBN(self.out_channels, act="identity", name="project")(y, train, out_active,
