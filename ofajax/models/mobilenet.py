@@ -54,8 +54,8 @@ def mobilenet_cost(*, in_channels: int, resolution: int, stem_width, stem_stride
   including the taps that fall on zero padding; biases, BatchNorm, activations, pooling, SE's
   gating product and residual additions cost nothing. Params count conv / linear weights and
   biases and BN's scale and bias, not BN's running statistics nor the supernet-only kernel
-  transform matrices. ``exclude_padding=True`` gives XLA's convention instead (it skips the taps
-  on padding; it also counts 2 flops per MAC, plus one per elementwise op). ``blocks`` pairs each BlockSpec-like (fields may be traced ints) with a
+  transform matrices. ``exclude_padding=True`` gives XLA's convention instead (it skips the
+  taps on padding; it also counts 2 flops per MAC, plus one per elementwise op). ``blocks`` pairs each BlockSpec-like (fields may be traced ints) with a
   gate (1 = block runs, 0 = skipped by depth).
   """
   hw = layers.conv_output_size(resolution, 3, stem_stride)

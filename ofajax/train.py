@@ -1,0 +1,366 @@
+"""Supernet training: sandwich rule, in-place / teacher distillation, progressive shrinking.
+
+``train_and_evaluate(config, workdir)`` is the whole job. Its parts, in order: configuration
+and phases; the jitted train step; state, optimizer and checkpoints; the loop; the final
+evaluation (BN calibration per subnet, top-1, eval.json, plot).
+
+One jitted step serves every phase: a phase is *data* (its space's tables, its largest and
+smallest arch, how many subnets to run, whether to use the sandwich rule), so progressive
+shrinking never recompiles. Only the input resolution is static.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ofajax import cost, data, losses, models
+from ofajax.checkpoint import Checkpoints, abstract_like
+from ofajax.evaluation import evaluate_archs
+
+# --------------------------------------------------------------------------- configuration
+
+
+class Phase:
+  """A training phase as static facts (host) and as traced data (the step's argument)."""
+
+  def __init__(self, cfg, index: int, space, steps_per_epoch: int):
+    self.name = cfg.get("name", f"phase{index}")
+    self.steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    self.warmup_steps = int(round(cfg.get("warmup_epochs", 0.0) * steps_per_epoch))
+    self.learning_rate = float(cfg.learning_rate)
+    self.num_subnets = int(cfg.num_subnets)
+    self.sandwich = cfg.get("sampling", "sandwich") == "sandwich"
+    if cfg.get("sampling", "sandwich") not in ("sandwich", "random"):
+      raise ValueError(f"phase {self.name!r}: sampling must be 'sandwich' or 'random', "
+                       f"got {cfg.sampling!r}")
+    if self.sandwich and self.num_subnets < 2:
+      raise ValueError(f"phase {self.name!r}: the sandwich rule needs num_subnets >= 2")
+    restrict = {k: list(v) for k, v in dict(cfg.get("restrict", {})).items()}
+    self.space = space.restrict(**restrict) if restrict else space
+
+  def as_data(self) -> dict:
+    return {"tables": self.space.tables(), "largest": self.space.largest(),
+            "smallest": self.space.smallest(), "num_subnets": jnp.int32(self.num_subnets),
+            "sandwich": jnp.bool_(self.sandwich)}
+
+
+def _check_config(config) -> None:
+  if config.distill not in ("inplace", "teacher", "none"):
+    raise ValueError(f"config.distill must be 'inplace', 'teacher' or 'none', got {config.distill!r}")
+  if config.distill == "inplace" and any(p.get("sampling", "sandwich") != "sandwich"
+                                         for p in config.phases):
+    raise ValueError("in-place distillation learns from the largest subnet, so every phase "
+                     "needs sampling='sandwich' (or set config.distill to 'teacher' / 'none')")
+  if config.distill == "teacher" and not config.teacher_workdir:
+    raise ValueError("config.distill='teacher' needs config.teacher_workdir: the workdir of a "
+                     "trained full network (e.g. the same config with a single largest-arch phase)")
+  if config.optimizer not in ("sgd", "adamw"):
+    raise ValueError(f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def decay_mask(params) -> Any:
+  """Weight decay on weights only: not on BN scale / bias nor on any bias (OFA: 'bn#bias')."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", "") not in ("scale", "bias"), params)
+
+
+def make_schedule(phases: list[Phase]):
+  """Each phase restarts its own warmup + cosine schedule, as OFA's separate runs do."""
+  schedules = [optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if p.warmup_steps else p.learning_rate, peak_value=p.learning_rate,
+      warmup_steps=p.warmup_steps, decay_steps=p.steps, end_value=0.0) for p in phases]
+  boundaries = list(np.cumsum([p.steps for p in phases])[:-1])
+  return optax.join_schedules(schedules, boundaries) if len(phases) > 1 else schedules[0]
+
+
+def make_optimizer(config, schedule, params):
+  parts = []
+  if config.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.optimizer == "sgd":
+    if config.weight_decay:
+      parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask(params)))
+    parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+  else:
+    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask(params)))
+  return optax.chain(*parts)
+
+
+# --------------------------------------------------------------------------- train step
+
+
+def make_train_step(model, space, config, tx, max_subnets: int, teacher=None):
+  """The jitted step ``(state, images, labels, phase) -> (state, metrics)``.
+
+  Runs up to ``max_subnets`` subnets on the same batch and applies one update with the summed
+  gradients. Subnet 0 is the largest under the sandwich rule (then 1 is the smallest and the
+  rest random), otherwise all are random from the phase's space. Subnet 0 learns from the
+  labels (and the external teacher if any); the others learn from the teacher: the largest
+  subnet's detached output (in-place) or the external one. Gradients are computed one subnet at
+  a time in a ``lax.scan`` so memory stays that of one subnet; subnets beyond the phase's count
+  are skipped with ``lax.cond`` (no work, no recompilation).
+  """
+  ls, kd_weight, temp = config.label_smoothing, config.kd_weight, config.kd_temperature
+
+  def loss_fn(params, batch_stats, arch, images, labels, teacher_logits, ce_weight, key):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, arch,
+                                  train=True, mutable=["batch_stats"], rngs={"dropout": key})
+    loss = ce_weight * losses.cross_entropy(logits, labels, ls)
+    if teacher_logits is not None:
+      loss = loss + kd_weight * losses.distillation(logits, teacher_logits, temp)
+    return loss, (logits, updates["batch_stats"])
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def sample_archs(key, phase):
+    archs = jax.vmap(lambda k: space.sample(k, phase["tables"]))(jax.random.split(key, max_subnets))
+    if max_subnets >= 2:
+      def sandwich(leaf, big, small):
+        return leaf.at[0].set(jnp.where(phase["sandwich"], big, leaf[0])).at[1].set(
+            jnp.where(phase["sandwich"], small, leaf[1]))
+      archs = jax.tree.map(sandwich, archs, phase["largest"], phase["smallest"])
+    return archs
+
+  def step(state, images, labels, phase, resolution: int):
+    if images.shape[1] != resolution:
+      images = jax.image.resize(images, (images.shape[0], resolution, resolution,
+                                         images.shape[-1]), "bilinear")
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    arch_key, drop_key = jax.random.split(key)
+    archs = sample_archs(arch_key, phase)
+    drop_keys = jax.random.split(drop_key, max_subnets)
+    params = state["params"]
+    external = None if teacher is None else teacher(images)
+    first = jax.tree.map(lambda a: a[0], archs)
+    (loss0, (logits0, batch_stats)), grads = grad_fn(
+        params, state["batch_stats"], first, images, labels, external, 1.0, drop_keys[0])
+    if config.distill == "inplace":
+      teacher_logits, ce_rest = jax.lax.stop_gradient(logits0), config.inplace_ce_weight
+    else:
+      teacher_logits, ce_rest = external, 1.0
+
+    def body(carry, xs):
+      arch, k, i = xs
+
+      def run(carry):
+        grads, batch_stats, total = carry
+        (loss, (_, batch_stats)), g = grad_fn(params, batch_stats, arch, images, labels,
+                                              teacher_logits, ce_rest, k)
+        return jax.tree.map(jnp.add, grads, g), batch_stats, total + loss
+
+      return jax.lax.cond(i < phase["num_subnets"], run, lambda c: c, carry), None
+
+    rest = (jax.tree.map(lambda a: a[1:], archs), drop_keys[1:], jnp.arange(1, max_subnets))
+    (grads, batch_stats, total), _ = jax.lax.scan(body, (grads, batch_stats, loss0), rest)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = dict(state, params=optax.apply_updates(params, updates), batch_stats=batch_stats,
+                     opt_state=opt_state, step=state["step"] + 1)
+    metrics = {"loss": total / phase["num_subnets"], "loss_largest": loss0,
+               "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0, static_argnames="resolution")
+
+
+# --------------------------------------------------------------------------- state
+
+
+def init_state(model, config, tx_factory, sample_images) -> tuple[dict, Any]:
+  key = jax.random.key(config.seed)
+  init_key, rng = jax.random.split(key)
+  variables = models.init(model, init_key, sample_images)
+  tx = tx_factory(variables["params"])
+  state = {"step": jnp.int32(0), "params": variables["params"],
+           "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"]),
+           "rng": jax.random.key_data(rng)}
+  return state, tx
+
+
+def load_teacher(config, sample_images):
+  """A frozen ``images -> logits`` of the largest arch, from another training workdir."""
+  with open(os.path.join(config.teacher_workdir, "config.json")) as f:
+    tconf = ml_collections.ConfigDict(json.load(f))
+  tmodel, tspace = models.get(tconf.model, **dict(tconf.model_options))
+  # The optimizer state's structure does not depend on the schedule's values.
+  state, _ = init_state(tmodel, tconf, lambda p: make_optimizer(
+      tconf, optax.constant_schedule(0.0), p), sample_images)
+  ckpt = Checkpoints(config.teacher_workdir)
+  state, _ = ckpt.restore(abstract_like(state))
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  largest = tspace.largest()
+  return lambda images: tmodel.apply(variables, images, largest, train=False)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Trains the supernet of ``config`` in ``workdir`` (resuming if it holds checkpoints),
+  then evaluates the largest, the smallest and random subnets; returns the eval records."""
+  _check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  model, space = models.get(config.model, **dict(config.model_options))
+  info = data.DATASETS[config.dataset] if config.dataset in data.DATASETS else None
+  if info is None:
+    raise ValueError(f"unknown config.dataset {config.dataset!r}; known: {sorted(data.DATASETS)}")
+  train_source = data.load(config.dataset, config.train_split, config.data_dir or None)
+  steps_per_epoch = max(1, len(train_source) // config.batch_size)
+  phases = [Phase(p, i, space, steps_per_epoch) for i, p in enumerate(config.phases)]
+  total_steps = sum(p.steps for p in phases)
+  max_subnets = max(p.num_subnets for p in phases)
+  boundaries = np.cumsum([p.steps for p in phases])
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  sample = jnp.zeros((1, config.resolution, config.resolution, info.channels), jnp.float32)
+  schedule = make_schedule(phases)
+  state, tx = init_state(model, config, lambda p: make_optimizer(config, schedule, p), sample)
+  ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract_like(state))
+    start = int(state["step"])
+    if is_main:
+      print(f"resumed from {ckpt.directory} at step {start}")
+  teacher = load_teacher(config, sample) if config.distill == "teacher" else None
+  train_step = make_train_step(model, space, config, tx, max_subnets, teacher)
+
+  train_iter = data.make_train_iterator(
+      train_source, batch_size=config.batch_size, seed=config.seed, resolution=config.resolution,
+      augment=config.augment, start_step=start, dataset=config.dataset)
+  resolutions = list(config.get("train_resolutions", ()) or [config.resolution])
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  progress = Progress(total_steps, start, config.batch_size, enabled=is_main)
+  phase_data, phase_index = None, -1
+  last_metrics = None
+  for step in range(start, total_steps):
+    index = int(np.searchsorted(boundaries, step, side="right"))
+    if index != phase_index:
+      phase_index, phase_data = index, phases[index].as_data()
+    batch = next(train_iter)
+    resolution = resolutions[np.random.default_rng([config.seed, step]).integers(len(resolutions))]
+    state, last_metrics = train_step(state, jnp.asarray(batch["image"]),
+                                     jnp.asarray(batch["label"]), phase_data, resolution=resolution)
+    done = step + 1
+    if done % config.log_every_steps == 0 or done == total_steps or done % config.checkpoint_every_steps == 0:
+      host = {k: float(v) for k, v in jax.device_get(last_metrics).items()}
+      if not all(math.isfinite(v) for v in host.values()):
+        ckpt.wait()
+        raise FloatingPointError(
+            f"the loss became {host['loss']} at step {done} (phase {phases[index].name}); "
+            f"stopped without saving, the last good checkpoint is step {ckpt.latest_step()} in "
+            f"{ckpt.directory}. Lower config.learning_rate or set config.grad_clip_norm.")
+      record = {"step": done, "phase": phases[index].name,
+                "learning_rate": float(schedule(done - 1)), **host}
+      if is_main:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(record) + "\n")
+      progress.update(done, phases[index].name, host["loss"])
+      if done % config.checkpoint_every_steps == 0 or done == total_steps:
+        ckpt.save(done, state, {"step": done, "phase": phases[index].name})
+  progress.close()
+  ckpt.close()
+  records = final_evaluation(model, space, config, state, workdir, is_main)
+  return records
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def final_evaluation(model, space, config, state, workdir: str, is_main: bool) -> list[dict]:
+  calib_source = data.load(config.dataset, config.train_split, config.data_dir or None)
+  calib = data.make_train_iterator(calib_source, batch_size=config.eval.calib_batch_size,
+                                   seed=config.seed + 1, resolution=config.resolution,
+                                   augment="none", start_step=0, dataset=config.dataset)
+  calib_images = jnp.stack([jnp.asarray(next(calib)["image"])
+                            for _ in range(config.eval.calib_batches)])
+  named = [("largest", space.largest()), ("smallest", space.smallest())]
+  keys = jax.random.split(jax.random.key(config.seed + 2), config.eval.num_random_subnets)
+  named += [(space.name(a), a) for a in (space.sample(k) for k in keys)]
+  test_source = data.load(config.dataset, config.test_split, config.data_dir or None)
+  batches = data.make_eval_iterator(test_source, batch_size=config.eval.batch_size,
+                                    resolution=config.resolution, dataset=config.dataset)
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  top1, _ = evaluate_archs(model, variables, [a for _, a in named], calib_images, batches)
+  records = []
+  for (name, arch), acc in zip(named, top1):
+    c = cost.count(model, arch, config.resolution)
+    records.append({"name": name, "arch": {k: np.asarray(v).tolist() for k, v in arch.items()},
+                    "macs": c["macs"], "params": c["params"], "top1": acc})
+  if is_main:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(records, f, indent=1)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": int(state["step"]), "eval": [
+          {k: r[k] for k in ("name", "macs", "params", "top1")} for r in records]}) + "\n")
+    print(format_table(records))
+    plot_accuracy_vs_macs(records, os.path.join(workdir, "accuracy_vs_macs.png"))
+  return records
+
+
+def format_table(records: list[dict]) -> str:
+  width = max(len(r["name"]) for r in records)
+  lines = [f"{'subnet':<{width}}  {'MACs':>12}  {'params':>10}  {'top-1':>6}"]
+  for r in sorted(records, key=lambda r: r["macs"]):
+    lines.append(f"{r['name']:<{width}}  {r['macs']:>12,}  {r['params']:>10,}  {100 * r['top1']:>5.2f}%")
+  return "\n".join(lines)
+
+
+def plot_accuracy_vs_macs(records: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+  for r in records:
+    style = {"largest": ("tab:red", "largest"), "smallest": ("tab:blue", "smallest")}.get(
+        r["name"], ("tab:gray", None))
+    ax.scatter(r["macs"] / 1e6, 100 * r["top1"], color=style[0], label=style[1])
+  ax.set_xlabel("MACs (M)")
+  ax.set_ylabel("top-1 (%)")
+  ax.set_title("subnets after BN calibration")
+  ax.legend(loc="lower right")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+class Progress:
+  """A one-line progress bar: step, phase, loss, examples/s, ETA."""
+
+  def __init__(self, total: int, start: int, batch_size: int, enabled: bool = True):
+    self.total, self.start, self.batch = total, start, batch_size
+    self.enabled = enabled
+    self.t0 = time.time()
+
+  def update(self, step: int, phase: str, loss: float) -> None:
+    if not self.enabled:
+      return
+    elapsed = time.time() - self.t0
+    done = step - self.start
+    rate = done * self.batch / max(elapsed, 1e-9)
+    eta = (self.total - step) * elapsed / max(done, 1)
+    bar = "#" * int(30 * step / self.total)
+    sys.stdout.write(f"\r[{bar:<30}] {step}/{self.total} {phase} loss {loss:.4f} "
+                     f"{rate:,.0f} ex/s ETA {eta:,.0f}s ")
+    sys.stdout.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      sys.stdout.write("\n")
