@@ -1,6 +1,6 @@
 """Train a supernet: python train.py --config configs/default.py --workdir /tmp/ofa [--config.x=y]"""
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ofajax.train import train_and_evaluate
@@ -12,6 +12,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "where checkpoints 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value overrides")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

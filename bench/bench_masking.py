@@ -28,7 +28,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 MODES = ("fwd", "fwd+bwd")
 TARGET = 1.15
@@ -313,7 +313,7 @@ def main(argv=None):
   report = {
       "benchmark": "masking",
       "config": {k: v for k, v in vars(args).items()},
-      "arch": space.to_json(arch),
+      "arch": json.loads(space.to_json(arch)),
       "jax_version": jax.__version__,
       "jaxlib_version": getattr(__import__("jaxlib"), "__version__", None),
       "python": sys.version.split()[0],

@@ -36,7 +36,7 @@ def get_config():
   c.inplace_ce_weight = 0.0     # US-Nets: subnets other than the largest learn from it alone
   c.teacher_workdir = ""
 
-  c.num_epochs = 30.0
+  c.num_epochs = 12.0
   c.phases = [ml_collections.ConfigDict({
       "name": "sandwich", "epochs": c.get_ref("num_epochs"),
       "learning_rate": c.get_ref("learning_rate"), "warmup_epochs": 1.0, "num_subnets": 4,

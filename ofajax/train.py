@@ -37,7 +37,9 @@ class Phase:
   def __init__(self, cfg, index: int, space, steps_per_epoch: int):
     self.name = cfg.get("name", f"phase{index}")
     self.steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    self.warmup_steps = int(round(cfg.get("warmup_epochs", 0.0) * steps_per_epoch))
+    # optax's cosine length includes the warmup, which must leave at least one step of decay.
+    self.warmup_steps = min(int(round(cfg.get("warmup_epochs", 0.0) * steps_per_epoch)),
+                            self.steps - 1)
     self.learning_rate = float(cfg.learning_rate)
     self.num_subnets = int(cfg.num_subnets)
     self.sandwich = cfg.get("sampling", "sandwich") == "sandwich"
@@ -108,20 +110,21 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None):
 
   Runs up to ``max_subnets`` subnets on the same batch and applies one update with the summed
   gradients. Subnet 0 is the largest under the sandwich rule (then 1 is the smallest and the
-  rest random), otherwise all are random from the phase's space. Subnet 0 learns from the
-  labels (and the external teacher if any); the others learn from the teacher: the largest
-  subnet's detached output (in-place) or the external one. Gradients are computed one subnet at
-  a time in a ``lax.scan`` so memory stays that of one subnet; subnets beyond the phase's count
-  are skipped with ``lax.cond`` (no work, no recompilation).
+  rest random), otherwise all are random from the phase's space. With in-place distillation
+  subnet 0 learns from the labels and the others from its detached output (plus
+  ``inplace_ce_weight`` x the labels); with an external teacher every subnet learns from the
+  labels and the teacher. Gradients are computed one subnet at a time in a ``lax.scan`` so
+  memory stays that of one subnet; subnets beyond the phase's count are skipped with
+  ``lax.cond`` (no work, no recompilation).
   """
   ls, kd_weight, temp = config.label_smoothing, config.kd_weight, config.kd_temperature
 
-  def loss_fn(params, batch_stats, arch, images, labels, teacher_logits, ce_weight, key):
+  def loss_fn(params, batch_stats, arch, images, labels, teacher_logits, ce_weight, kd_on, key):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, arch,
                                   train=True, mutable=["batch_stats"], rngs={"dropout": key})
     loss = ce_weight * losses.cross_entropy(logits, labels, ls)
     if teacher_logits is not None:
-      loss = loss + kd_weight * losses.distillation(logits, teacher_logits, temp)
+      loss = loss + kd_on * kd_weight * losses.distillation(logits, teacher_logits, temp)
     return loss, (logits, updates["batch_stats"])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -135,6 +138,8 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None):
       archs = jax.tree.map(sandwich, archs, phase["largest"], phase["smallest"])
     return archs
 
+  inplace = config.distill == "inplace"
+
   def step(state, images, labels, phase, resolution: int):
     if images.shape[1] != resolution:
       images = jax.image.resize(images, (images.shape[0], resolution, resolution,
@@ -142,30 +147,36 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     arch_key, drop_key = jax.random.split(key)
     archs = sample_archs(arch_key, phase)
-    drop_keys = jax.random.split(drop_key, max_subnets)
     params = state["params"]
     external = None if teacher is None else teacher(images)
-    first = jax.tree.map(lambda a: a[0], archs)
-    (loss0, (logits0, batch_stats)), grads = grad_fn(
-        params, state["batch_stats"], first, images, labels, external, 1.0, drop_keys[0])
-    if config.distill == "inplace":
-      teacher_logits, ce_rest = jax.lax.stop_gradient(logits0), config.inplace_ce_weight
-    else:
-      teacher_logits, ce_rest = external, 1.0
 
+    # One scan over all subnets keeps a single copy of forward + backward in the compiled step.
+    # Subnet 0 fills the in-place teacher slot of the carry; later subnets read it.
     def body(carry, xs):
       arch, k, i = xs
 
       def run(carry):
-        grads, batch_stats, total = carry
-        (loss, (_, batch_stats)), g = grad_fn(params, batch_stats, arch, images, labels,
-                                              teacher_logits, ce_rest, k)
-        return jax.tree.map(jnp.add, grads, g), batch_stats, total + loss
+        grads, batch_stats, total, first_loss, soft = carry
+        if inplace:
+          teacher_logits = soft
+          ce_weight = jnp.where(i == 0, 1.0, config.inplace_ce_weight)
+          weight = jnp.where(i == 0, 0.0, 1.0)  # subnet 0 has no teacher yet
+        else:
+          teacher_logits, ce_weight, weight = external, 1.0, 1.0
+        (loss, (logits, batch_stats)), g = grad_fn(
+            params, batch_stats, arch, images, labels, teacher_logits, ce_weight, weight, k)
+        if inplace:
+          soft = jnp.where(i == 0, jax.lax.stop_gradient(logits), soft)
+        first_loss = jnp.where(i == 0, loss, first_loss)
+        return jax.tree.map(jnp.add, grads, g), batch_stats, total + loss, first_loss, soft
 
       return jax.lax.cond(i < phase["num_subnets"], run, lambda c: c, carry), None
 
-    rest = (jax.tree.map(lambda a: a[1:], archs), drop_keys[1:], jnp.arange(1, max_subnets))
-    (grads, batch_stats, total), _ = jax.lax.scan(body, (grads, batch_stats, loss0), rest)
+    num_classes = model.num_classes
+    init = (jax.tree.map(jnp.zeros_like, params), state["batch_stats"], jnp.float32(0.0),
+            jnp.float32(0.0), jnp.zeros((images.shape[0], num_classes), jnp.float32))
+    xs = (archs, jax.random.split(drop_key, max_subnets), jnp.arange(max_subnets))
+    (grads, batch_stats, total, loss0, _), _ = jax.lax.scan(body, init, xs)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = dict(state, params=optax.apply_updates(params, updates), batch_stats=batch_stats,
                      opt_state=opt_state, step=state["step"] + 1)

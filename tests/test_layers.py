@@ -17,6 +17,12 @@ def test_depthwise_shift_equals_xla_grouped_conv(k, stride, size):
   out = layers.conv_output_size(size, k, stride)
   assert shift.shape == xla.shape == (2, out, out, 6)
   np.testing.assert_allclose(shift, xla, rtol=1e-5, atol=1e-5)
+  # the hand-written VJP of the shift form equals XLA's gradients
+  g = jax.random.normal(jax.random.key(2), shift.shape)
+  grads = [jax.vjp(lambda x, k: layers.depthwise_conv2d(x, k, stride, impl), x, kernel)[1](g)
+           for impl in ("shift", "xla")]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def _ofa_reference_kernel(weight_oihw, matrices, k):
