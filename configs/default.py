@@ -36,7 +36,7 @@ def get_config():
   c.inplace_ce_weight = 0.0     # US-Nets: subnets other than the largest learn from it alone
   c.teacher_workdir = ""
 
-  c.num_epochs = 12.0
+  c.num_epochs = 15.0
   c.phases = [ml_collections.ConfigDict({
       "name": "sandwich", "epochs": c.get_ref("num_epochs"),
       "learning_rate": c.get_ref("learning_rate"), "warmup_epochs": 1.0, "num_subnets": 4,
@@ -44,6 +44,7 @@ def get_config():
 
   c.eval = ml_collections.ConfigDict({
       "num_random_subnets": 8, "calib_batches": 8, "calib_batch_size": 128, "batch_size": 250})
+  c.stop_after_steps = 0        # > 0: stop (with a checkpoint) after this step; rerun to resume
   c.log_every_steps = 20
   c.checkpoint_every_steps = 200
   c.keep_checkpoints = 3

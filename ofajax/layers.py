@@ -159,8 +159,8 @@ class ElasticBatchNorm(nn.Module):
   """BatchNorm over the active channels; same names and formula as ``nn.BatchNorm``.
 
   Training normalises with the batch statistics of the subnet being run. Running statistics
-  are only updated for active channels and only when ``update`` is true (a skipped block's
-  statistics stay as they were), and only when "batch_stats" is mutable;
+  are only updated for active channels, only when ``update`` is true (a caller may freeze a
+  layer's statistics) and only when "batch_stats" is mutable;
   ``ofajax.bn.calibrate_bn`` re-estimates them per subnet from the sown batch moments.
   """
   momentum: float = 0.9
@@ -204,12 +204,12 @@ class ElasticConvBN(nn.Module):
   act: str = "relu"
 
   @nn.compact
-  def __call__(self, x, train: bool, out_active=None, update=True):
+  def __call__(self, x, train: bool, out_active=None):
     kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size, x.shape[-1],
                                                  self.features))
     mask = channel_mask(out_active, self.features)
     y = conv2d(x, kernel, self.stride)
-    y = ElasticBatchNorm(name="bn")(y, train, mask, update)
+    y = ElasticBatchNorm(name="bn")(y, train, mask)
     return ACTIVATIONS[self.act](y)  # every activation here maps 0 to 0, so no second mask
 
   @staticmethod
@@ -399,8 +399,8 @@ class ElasticMBConv(nn.Module):
 
   ``mid_channels`` / ``out_channels`` are the maximum widths. At call time ``mid_active``,
   ``kernel_size`` and ``out_active`` (traced ints, or None for the maximum) pick the subnet;
-  the input's inactive channels are already zero. ``gate`` (traced bool) freezes the BN running
-  statistics of a block that the depth choice skips. With ``residual`` the caller guarantees the
+  the input's inactive channels are already zero.
+  With ``residual`` the caller guarantees the
   input's active width equals ``out_active`` (slimmable nets tie them to one width group).
   """
   mid_channels: int
@@ -415,8 +415,7 @@ class ElasticMBConv(nn.Module):
   depthwise_impl: str = "shift"
 
   @nn.compact
-  def __call__(self, x, train: bool, mid_active=None, kernel_size=None, out_active=None,
-               gate=True):
+  def __call__(self, x, train: bool, mid_active=None, kernel_size=None, out_active=None):
     act = ACTIVATIONS[self.act]
     mid_mask = channel_mask(mid_active, self.mid_channels)
     if not self.has_expand and x.shape[-1] != self.mid_channels:
@@ -425,14 +424,13 @@ class ElasticMBConv(nn.Module):
                        f"({x.shape[-1]})")
     y = x
     if self.has_expand:
-      y = ElasticConvBN(self.mid_channels, act=self.act, name="expand")(y, train, mid_active, gate)
+      y = ElasticConvBN(self.mid_channels, act=self.act, name="expand")(y, train, mid_active)
     y = ElasticDepthwiseConv(self.kernel_choices, self.stride, self.kernel_transform,
                              self.depthwise_impl, name="depthwise")(y, kernel_size)
-    y = act(ElasticBatchNorm(name="depthwise_bn")(y, train, mid_mask, gate))
+    y = act(ElasticBatchNorm(name="depthwise_bn")(y, train, mid_mask))
     if self.use_se:
       y = ElasticSqueezeExcite(name="se")(y, mid_active)
-    y = ElasticConvBN(self.out_channels, act="identity", name="project")(y, train, out_active,
-                                                                         gate)
+    y = ElasticConvBN(self.out_channels, act="identity", name="project")(y, train, out_active)
     return x + y if self.residual else y
 
   def slice_variables(self, variables: dict, spec: BlockSpec) -> dict:

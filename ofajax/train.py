@@ -260,7 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   progress = Progress(total_steps, start, config.batch_size, enabled=is_main)
   phase_data, phase_index = None, -1
   last_metrics = None
-  for step in range(start, total_steps):
+  # stop_after_steps: train part of the schedule now and resume later from the same workdir.
+  stop = min(total_steps, config.stop_after_steps) if config.get("stop_after_steps") else total_steps
+  for step in range(start, stop):
     index = int(np.searchsorted(boundaries, step, side="right"))
     if index != phase_index:
       phase_index, phase_data = index, phases[index].as_data()
@@ -269,7 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     state, last_metrics = train_step(state, jnp.asarray(batch["image"]),
                                      jnp.asarray(batch["label"]), phase_data, resolution=resolution)
     done = step + 1
-    if done % config.log_every_steps == 0 or done == total_steps or done % config.checkpoint_every_steps == 0:
+    checkpoint_now = done % config.checkpoint_every_steps == 0 or done in (stop, total_steps)
+    if done % config.log_every_steps == 0 or checkpoint_now:
       host = {k: float(v) for k, v in jax.device_get(last_metrics).items()}
       if not all(math.isfinite(v) for v in host.values()):
         ckpt.wait()
@@ -283,12 +286,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         with open(metrics_path, "a") as f:
           f.write(json.dumps(record) + "\n")
       progress.update(done, phases[index].name, host["loss"])
-      if done % config.checkpoint_every_steps == 0 or done == total_steps:
+      if checkpoint_now:
         ckpt.save(done, state, {"step": done, "phase": phases[index].name})
   progress.close()
   ckpt.close()
-  records = final_evaluation(model, space, config, state, workdir, is_main)
-  return records
+  if int(state["step"]) < total_steps:
+    return []  # stopped early on purpose: evaluate when the schedule is done
+  return final_evaluation(model, space, config, state, workdir, is_main)
 
 
 # --------------------------------------------------------------------------- evaluation

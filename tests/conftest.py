@@ -1,6 +1,13 @@
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import pytest
+
+# Tests build the same train step / evaluator several times (restarts, bad-input runs); a
+# per-session persistent compilation cache turns the repeats into cache hits.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ofajax-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _perturb(variables, key):

@@ -109,11 +109,16 @@ class OFAMobileNetV3(nn.Module):
                                                      mids),
                   kernel_size=arch["kernel"][s, i])
       else:
-        gate = i < arch["depth"][s]
-        y = block(x, train, mid_active=layers.lookup(arch["expand"][s, i], self.expand_choices,
-                                                     mids),
-                  kernel_size=arch["kernel"][s, i], gate=gate)
-        x = jnp.where(gate, y, x)
+        mid = layers.lookup(arch["expand"][s, i], self.expand_choices, mids)
+        kernel = arch["kernel"][s, i]
+        if self.is_initializing():
+          x = block(x, train, mid_active=mid, kernel_size=kernel)
+        else:
+          # lax.cond, not a mask: a block the depth skips costs no compute at all (forward and
+          # backward), and its BN statistics stay untouched.
+          x = nn.cond(i < arch["depth"][s],
+                      lambda mdl, x, mid, k: mdl(x, train, mid_active=mid, kernel_size=k),
+                      lambda mdl, x, mid, k: x, block, x, mid, kernel)
     x = layers.ElasticConvBN(widths[-2], act="h_swish", name="head")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = layers.h_swish(nn.Dense(widths[-1], use_bias=False, kernel_init=layers.LINEAR_INIT,

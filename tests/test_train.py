@@ -1,0 +1,173 @@
+"""Supernet training end to end on tiny settings (digits, 8x8), restarts, phases, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from ofajax import data, losses, models
+from ofajax import train as training
+from ofajax.checkpoint import Checkpoints, abstract_like
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  """The default config shrunk to seconds: digits 8x8, a 2-block-per-stage supernet."""
+  c = default.get_config()
+  c.model_options = ml_collections.ConfigDict({
+      "num_classes": 10, "depth_choices": (1, 2), "kernel_choices": (3, 5),
+      "expand_choices": (2, 3)})
+  c.dataset, c.data_dir, c.resolution, c.augment = "digits", data_dir, 8, "none"
+  c.batch_size = 32
+  c.num_epochs = 12 / 44  # 12 steps of 44 per epoch
+  c.phases[0].warmup_epochs = 0.0
+  c.log_every_steps = 4
+  c.checkpoint_every_steps = 4
+  c.eval.num_random_subnets = 2
+  c.eval.calib_batches = 2
+  c.eval.calib_batch_size = 32
+  c.eval.batch_size = 120
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  data.ensure_local_dataset("digits", path)
+  return path
+
+
+def _restore_params(workdir, config):
+  model, space = models.get(config.model, **dict(config.model_options))
+  sample = jnp.zeros((1, config.resolution, config.resolution, 1))
+  state, _ = training.init_state(model, config, lambda p: training.make_optimizer(
+      config, training.make_schedule([training.Phase(config.phases[0], 0, space, 44)]), p), sample)
+  restored, _ = Checkpoints(workdir).restore(abstract_like(state))
+  return restored
+
+
+def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir):
+  config = tiny_config(data_dir)
+  full = str(tmp_path / "full")
+  records = training.train_and_evaluate(config, full)
+  names = [r["name"] for r in records]
+  assert names[:2] == ["largest", "smallest"] and len(records) == 4
+  for r in records:
+    assert set(r) == {"name", "arch", "macs", "params", "top1"} and 0.0 <= r["top1"] <= 1.0
+  by_name = {r["name"]: r for r in records}
+  assert by_name["largest"]["macs"] > by_name["smallest"]["macs"]
+  assert json.load(open(os.path.join(full, "eval.json"))) == records
+  lines = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
+  assert [l["step"] for l in lines if "loss" in l] == [4, 8, 12]
+  assert all(np.isfinite(l["loss"]) for l in lines if "loss" in l)
+  assert os.path.getsize(os.path.join(full, "accuracy_vs_macs.png")) > 1000
+  assert json.load(open(os.path.join(full, "config.json")))["model"] == "ofa_mbv3_tiny"
+
+  # Interrupted after step 6 (a checkpoint is written there), then resumed: bitwise equal.
+  parted = str(tmp_path / "parted")
+  assert training.train_and_evaluate(tiny_config(data_dir, stop_after_steps=6), parted) == []
+  assert Checkpoints(parted).latest_step() == 6
+  training.train_and_evaluate(config, parted)
+  a, b = _restore_params(full, config), _restore_params(parted, config)
+  assert int(a["step"]) == int(b["step"]) == 12
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_one_compile_across_three_phases_and_20_steps():
+  config = default.get_config()
+  config.model_options = ml_collections.ConfigDict({"num_classes": 10, "depth_choices": (1, 2),
+                                                      "kernel_choices": (3, 5)})
+  model, space = models.get(config.model, **dict(config.model_options))
+  phase_cfgs = [dict(name="kernel", epochs=1, learning_rate=0.1, num_subnets=2,
+                     sampling="random", restrict={"depth": [2], "expand": [6]}),
+                dict(name="depth", epochs=1, learning_rate=0.05, num_subnets=3,
+                     sampling="random", restrict={"expand": [6]}),
+                dict(name="expand", epochs=1, learning_rate=0.02, num_subnets=4,
+                     sampling="sandwich", restrict={})]
+  phases = [training.Phase(ml_collections.ConfigDict(p), i, space, 7)
+            for i, p in enumerate(phase_cfgs)]
+  config.distill = "none"
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
+  y = jnp.arange(8) % 10
+  schedule = training.make_schedule(phases)
+  state, tx = training.init_state(model, config, lambda p: training.make_optimizer(
+      config, schedule, p), x[:1])
+  step = training.make_train_step(model, space, config, tx, max_subnets=4)
+  losses_seen = []
+  for i in range(20):
+    phase = phases[min(i // 7, 2)]
+    state, metrics = step(state, x, y, phase.as_data(), resolution=8)
+    losses_seen.append(float(metrics["loss"]))
+  assert step._cache_size() == 1
+  assert all(np.isfinite(losses_seen)) and int(state["step"]) == 20
+
+
+def test_inplace_distillation_does_not_flow_into_the_teacher():
+  student = jax.random.normal(jax.random.key(0), (4, 10))
+  teacher = jax.random.normal(jax.random.key(1), (4, 10))
+  g_teacher = jax.grad(lambda t: losses.distillation(student, t, 2.0))(teacher)
+  g_student = jax.grad(lambda s: losses.distillation(s, teacher, 2.0))(student)
+  assert np.all(np.asarray(g_teacher) == 0.0) and np.any(np.asarray(g_student) != 0.0)
+  # and distilling to yourself is a minimum: zero gradient
+  g_self = jax.grad(lambda s: losses.distillation(s, jax.lax.stop_gradient(s)) )(student)
+  np.testing.assert_allclose(g_self, 0.0, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+  workdir = str(tmp_path / "nan")
+  good = tiny_config(data_dir, stop_after_steps=4)
+  training.train_and_evaluate(good, workdir)
+  assert Checkpoints(workdir).latest_step() == 4
+  bad = tiny_config(data_dir, learning_rate=1e30)
+  with pytest.raises(FloatingPointError, match="last good checkpoint is step 4"):
+    training.train_and_evaluate(bad, workdir)
+  assert Checkpoints(workdir).latest_step() == 4
+
+
+def test_corrupt_checkpoint_gives_clear_error_and_keeps_older_ones(tmp_path, data_dir):
+  workdir = str(tmp_path / "corrupt")
+  training.train_and_evaluate(tiny_config(data_dir, stop_after_steps=8), workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert sorted(os.listdir(ckpt_dir))[-2:] == ["4", "8"]
+  for root, _, files in os.walk(os.path.join(ckpt_dir, "8", "state")):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"garbage")
+  with pytest.raises(ValueError, match="could not be read.*left untouched"):
+    training.train_and_evaluate(tiny_config(data_dir), workdir)
+  assert os.path.isdir(os.path.join(ckpt_dir, "4")) and os.path.isdir(os.path.join(ckpt_dir, "8"))
+
+
+def test_missing_dataset_says_how_to_prepare(tmp_path):
+  config = tiny_config(str(tmp_path / "empty"), dataset="cifar10")
+  with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
+    training.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_unknown_config_key_lists_close_matches(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/default.py", "--workdir",
+       str(tmp_path / "w"), "--config.learning_rat=0.1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert 'Did you mean "learning_rate"' in result.stderr
+
+
+def test_bad_config_values_are_rejected(tmp_path, data_dir):
+  with pytest.raises(ValueError, match="distill must be"):
+    training.train_and_evaluate(tiny_config(data_dir, distill="self"), str(tmp_path / "a"))
+  config = tiny_config(data_dir)
+  config.phases[0].sampling = "random"
+  with pytest.raises(ValueError, match="needs sampling='sandwich'"):
+    training.train_and_evaluate(config, str(tmp_path / "b"))
