@@ -111,12 +111,17 @@ class OFAMobileNetV3(nn.Module):
       else:
         mid = layers.lookup(arch["expand"][s, i], self.expand_choices, mids)
         kernel = arch["kernel"][s, i]
+        active = i < arch["depth"][s]
         if self.is_initializing():
           x = block(x, train, mid_active=mid, kernel_size=kernel)
+        elif self.is_mutable_collection("bn_moments"):
+          # BN calibration sows moments from every block (flax's cond needs equal variable
+          # trees in both branches); a skipped block's moments are simply never used.
+          x = jnp.where(active, block(x, train, mid_active=mid, kernel_size=kernel), x)
         else:
           # lax.cond, not a mask: a block the depth skips costs no compute at all (forward and
           # backward), and its BN statistics stay untouched.
-          x = nn.cond(i < arch["depth"][s],
+          x = nn.cond(active,
                       lambda mdl, x, mid, k: mdl(x, train, mid_active=mid, kernel_size=k),
                       lambda mdl, x, mid, k: x, block, x, mid, kernel)
     x = layers.ElasticConvBN(widths[-2], act="h_swish", name="head")(x, train)
