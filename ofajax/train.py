@@ -181,7 +181,7 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None):
     new_state = dict(state, params=optax.apply_updates(params, updates), batch_stats=batch_stats,
                      opt_state=opt_state, step=state["step"] + 1)
     metrics = {"loss": total / phase["num_subnets"], "loss_largest": loss0,
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=0, static_argnames="resolution")

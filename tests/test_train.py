@@ -83,6 +83,13 @@ def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 
+  # OFA-style: random subnets distilled from an external teacher (the run above, frozen).
+  student = tiny_config(data_dir, distill="teacher", teacher_workdir=full, stop_after_steps=4)
+  student.phases[0].sampling = "random"
+  training.train_and_evaluate(student, str(tmp_path / "student"))
+  lines = [json.loads(l) for l in open(str(tmp_path / "student" / "metrics.jsonl"))]
+  assert lines[-1]["step"] == 4 and np.isfinite(lines[-1]["loss"])
+
 
 def test_one_compile_across_three_phases_and_20_steps():
   config = default.get_config()
