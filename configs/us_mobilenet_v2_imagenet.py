@@ -17,6 +17,7 @@ def get_config():
   c.learning_rate, c.weight_decay, c.label_smoothing = 0.5, 4e-5, 0.1
   c.num_epochs = 250.0
   c.phases[0].warmup_epochs = 5.0
+  c.phases[0].num_subnets = 4                     # US-Nets' sandwich rule: n = 4
   c.distill = "inplace"
   c.eval.calib_batches, c.eval.calib_batch_size = 20, 100
   c.checkpoint_every_steps, c.log_every_steps = 2000, 100

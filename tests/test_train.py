@@ -178,3 +178,24 @@ def test_bad_config_values_are_rejected(tmp_path, data_dir):
   config.phases[0].sampling = "random"
   with pytest.raises(ValueError, match="needs sampling='sandwich'"):
     training.train_and_evaluate(config, str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("name,arg", [
+    ("default", None), ("ofa_mbv3_imagenet", None), ("ofa_mbv3_imagenet", "teacher"),
+    ("compofa_mbv3_imagenet", None), ("us_mobilenet_v2_imagenet", None),
+    ("autoslim_mobilenet_v2_imagenet", None), ("ofa_mbv3_cifar10", None),
+    ("compofa_mbv3_cifar10", None), ("us_mobilenet_v2_cifar10", None),
+    ("autoslim_mobilenet_v2_cifar10", None)])
+def test_every_config_builds_its_model_and_phases(name, arg):
+  import importlib
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config(arg) if arg else module.get_config()
+  model, space = models.get(config.model, **dict(config.model_options))
+  phases = [training.Phase(p, i, space, 100) for i, p in enumerate(config.phases)]
+  assert phases and all(p.steps > 0 and p.learning_rate > 0 for p in phases)
+  assert config.dataset in data.DATASETS
+  if name.startswith("ofa_mbv3") and arg is None:  # OFA: K357 -> D34 -> D234 -> E46 -> E346
+    assert [p.num_subnets for p in phases] == [1, 2, 2, 4, 4]
+    assert phases[-1].space.cardinality() == space.cardinality()
+  if name.startswith("us_"):
+    assert phases[0].num_subnets == 4 and config.distill == "inplace"
