@@ -245,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
   start = 0
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract_like(state))
+    state, _ = ckpt.restore(abstract_like(state))
     start = int(state["step"])
     if is_main:
       print(f"resumed from {ckpt.directory} at step {start}")
