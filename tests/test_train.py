@@ -118,6 +118,9 @@ def test_one_compile_across_three_phases_and_20_steps():
     losses_seen.append(float(metrics["loss"]))
   assert step._cache_size() == 1
   assert all(np.isfinite(losses_seen)) and int(state["step"]) == 20
+  # resolution is the only static input: another size is one more compile (images resized)
+  state, metrics = step(state, x, y, phases[2].as_data(), resolution=6)
+  assert step._cache_size() == 2 and np.isfinite(float(metrics["loss"]))
 
 
 def test_inplace_distillation_does_not_flow_into_the_teacher():
