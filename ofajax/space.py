@@ -198,9 +198,8 @@ class SearchSpace:
         parent = self._by_name[leaf.parent]
         pidx = np.searchsorted(parent.values, arch[leaf.parent])
         mask = mask & self._coupling[leaf.name][pidx][..., None, :]
-      idx = _first_true(mask[..., ::-1]) if last else _first_true(mask)
-      if last:
-        idx = mask.shape[-1] - 1 - idx
+      # index of the last (largest) or first (smallest) allowed value
+      idx = mask.shape[-1] - 1 - np.argmax(mask[..., ::-1], -1) if last else np.argmax(mask, -1)
       arch[leaf.name] = np.asarray(leaf.values, np.int32)[idx]
     return {k: jnp.asarray(v) for k, v in arch.items()}
 
@@ -385,10 +384,6 @@ class SearchSpace:
         body = sep.join(str(int(x)) for x in value.reshape(-1))
       parts.append(leaf.name[0] + body)
     return "-".join(parts)
-
-
-def _first_true(mask: np.ndarray) -> np.ndarray:
-  return np.argmax(mask, axis=-1)
 
 
 def _values_to_mask(leaf: Leaf, spec) -> np.ndarray:

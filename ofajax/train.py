@@ -226,9 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   model, space = models.get(config.model, **dict(config.model_options))
-  info = data.DATASETS[config.dataset] if config.dataset in data.DATASETS else None
-  if info is None:
+  if config.dataset not in data.DATASETS:
     raise ValueError(f"unknown config.dataset {config.dataset!r}; known: {sorted(data.DATASETS)}")
+  info = data.DATASETS[config.dataset]
   train_source = data.load(config.dataset, config.train_split, config.data_dir or None)
   steps_per_epoch = max(1, len(train_source) // config.batch_size)
   phases = [Phase(p, i, space, steps_per_epoch) for i, p in enumerate(config.phases)]

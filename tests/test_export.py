@@ -1,7 +1,6 @@
 """StableHLO serialisation of exported subnets: served by plain JAX, any batch size."""
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 import ofajax
