@@ -11,6 +11,9 @@ import jax
 from ofajax.models.mobilenet import MobileNet
 from ofajax.models.ofa_mbv3 import OFAMobileNetV3
 from ofajax.models import ofa_mbv3 as _ofa_mbv3
+from ofajax.models import ofa_resnet50 as _ofa_resnet50
+from ofajax.models.ofa_resnet50 import OFAResNet50
+from ofajax.models.resnet import ResNet
 from ofajax.models import slim_mobilenet_v2 as _slim
 from ofajax.models.slim_mobilenet_v2 import SlimMobileNetV2
 from ofajax.space import SearchSpace
@@ -21,6 +24,8 @@ _REGISTRY: dict[str, tuple[type, dict, Callable]] = {
     "ofa_mbv3_tiny": (OFAMobileNetV3, _ofa_mbv3.TINY, lambda m: m.search_space()),
     "compofa_mbv3": (OFAMobileNetV3, {}, lambda m: m.compofa_space()),
     "compofa_mbv3_tiny": (OFAMobileNetV3, _ofa_mbv3.TINY, lambda m: m.compofa_space()),
+    "ofa_resnet50": (OFAResNet50, {}, lambda m: m.search_space()),
+    "ofa_resnet50_tiny": (OFAResNet50, _ofa_resnet50.TINY, lambda m: m.search_space()),
     "slim_mobilenet_v2": (SlimMobileNetV2, {}, lambda m: m.search_space()),
     "slim_mobilenet_v2_tiny": (SlimMobileNetV2, _slim.TINY, lambda m: m.search_space()),
 }
@@ -59,4 +64,5 @@ def init(model, key: jax.Array, x: jax.Array, arch=None) -> dict:
   return compiled(key, x, arch)
 
 
-__all__ = ["get", "init", "FAST_COMPILE", "names", "MobileNet", "OFAMobileNetV3", "SlimMobileNetV2", "SearchSpace"]
+__all__ = ["get", "init", "FAST_COMPILE", "names", "MobileNet", "OFAMobileNetV3", "OFAResNet50",
+           "ResNet", "SlimMobileNetV2", "SearchSpace"]
