@@ -1,18 +1,43 @@
-"""Train a supernet: python train.py --config configs/default.py --workdir /tmp/ofa [--config.x=y]"""
+"""Train a supernet: python train.py --config configs/default.py --workdir /tmp/ofa [--config.x=y]
+
+The same command runs on one CPU or GPU, on every GPU of a node, and, started once per host,
+on several hosts (a TPU pod slice, GPU nodes):
+
+  python train.py --multihost ...                 # Cloud TPU / Slurm / Open MPI / Kubernetes:
+                                                  # JAX reads the job from the environment
+  python train.py --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0 ...
+                                                  # elsewhere: process 0's host:port, on each host
+"""
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ofajax.train import train_and_evaluate
+from ofajax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "training config file")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "where checkpoints and results go")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "where checkpoints and results go "
+                               "(with several hosts: a directory all of them see)")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "join a multi-process job through "
+                               "jax.distributed.initialize() with no arguments (Cloud TPU, "
+                               "Slurm, Open MPI, Kubernetes find the job themselves)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (implies --multihost)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. n-1")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value overrides")
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit) and None in explicit:
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id go together; "
+                         "give all three, or none with --multihost on a cluster JAX detects")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  if _MULTIHOST.value or _COORDINATOR.value is not None:
+    # Before anything touches a device: the job's devices are only known after this.
+    distributed.initialize(*explicit)
+  from ofajax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

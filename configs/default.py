@@ -20,8 +20,10 @@ def get_config():
   c.resolution = 28
   c.train_resolutions = ()      # e.g. (24, 28): one resolution per step, one compile each
   c.augment = "mnist"
-  c.batch_size = 128
+  c.batch_size = 128            # global: split over every device of every process
   c.seed = 0
+  c.num_devices = 0             # 0: all devices of all processes; N: this process's first N
+  c.compute_dtype = "float32"   # or "bfloat16": bf16 compute, f32 params / optimizer / BatchNorm
 
   c.optimizer = "sgd"
   c.learning_rate = 0.1

@@ -1,4 +1,10 @@
-"""A thin orbax wrapper: periodic saves, keep the last N, restore into an abstract target."""
+"""A thin orbax wrapper: periodic saves, keep the last N, restore into an abstract target.
+
+Multi-host: every process calls ``save`` / ``restore`` with the same step; orbax writes each
+replicated array once (from its primary replica) and the metadata from process 0, and restores
+into the target's sharding. The directory must be one all processes see (shared file system).
+Saves are asynchronous; a run killed during one leaves a temporary directory that orbax
+ignores, so the previous checkpoint is the one resumed from."""
 
 from __future__ import annotations
 
@@ -47,5 +53,9 @@ class Checkpoints:
     self._manager.close()
 
 
-def abstract_like(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+def abstract_like(tree, sharding=None):
+  """Shapes, dtypes and shardings of ``tree``: a restore target. Orbax restores each array
+  straight into its target's sharding (e.g. replicated over a mesh of many hosts); ``sharding``
+  overrides every leaf's, and leaves without one (numpy) get none (orbax then uses the saved)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None)), tree)

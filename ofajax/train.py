@@ -7,10 +7,18 @@ evaluation (BN calibration per subnet, top-1, eval.json, plot).
 One jitted step serves every phase: a phase is *data* (its space's tables, its largest and
 smallest arch, how many subnets to run, whether to use the sandwich rule), so progressive
 shrinking never recompiles. Only the input resolution is static.
+
+Scale-out (``ofajax.distributed``): the step is jitted over a ("data", "model") mesh of every
+device of every process, with the state replicated and the global batch split over "data", so
+one CPU, 8 GPUs and a TPU pod slice run the same code; each process reads only its block of
+each global batch. ``config.compute_dtype="bfloat16"`` computes in bfloat16 with float32
+parameters, optimizer state and BatchNorm (``ofajax.precision``). SIGTERM saves a checkpoint at
+the next step boundary and returns (``ofajax.preemption``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -24,8 +32,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from ofajax import cost, data, losses, models
+from ofajax import cost, data, distributed, losses, models, precision
 from ofajax.checkpoint import Checkpoints, abstract_like
+from ofajax.preemption import PreemptionGuard
 from ofajax.evaluation import evaluate_archs
 
 # --------------------------------------------------------------------------- configuration
@@ -69,6 +78,7 @@ def _check_config(config) -> None:
                      "trained full network (e.g. the same config with a single largest-arch phase)")
   if config.optimizer not in ("sgd", "adamw"):
     raise ValueError(f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
+  precision.compute_dtype(config.get("compute_dtype", "float32"))
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -105,7 +115,7 @@ def make_optimizer(config, schedule, params):
 # --------------------------------------------------------------------------- train step
 
 
-def make_train_step(model, space, config, tx, max_subnets: int, teacher=None):
+def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, mesh=None):
   """The jitted step ``(state, images, labels, phase) -> (state, metrics)``.
 
   Runs up to ``max_subnets`` subnets on the same batch and applies one update with the summed
@@ -116,12 +126,24 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None):
   labels and the teacher. Gradients are computed one subnet at a time in a ``lax.scan`` so
   memory stays that of one subnet; subnets beyond the phase's count are skipped with
   ``lax.cond`` (no work, no recompilation).
+
+  With a ``mesh`` the step takes the state and phase replicated and images / labels split over
+  its "data" axis (global arrays placed by ``ofajax.distributed``) and returns the state
+  replicated; XLA
+  adds the gradient all-reduce, and BatchNorm statistics and the loss are those of the global
+  batch. ``config.compute_dtype`` picks the compute precision (``ofajax.precision``).
   """
   ls, kd_weight, temp = config.label_smoothing, config.kd_weight, config.kd_temperature
+  dtype = precision.compute_dtype(config.get("compute_dtype", "float32"))
 
   def loss_fn(params, batch_stats, arch, images, labels, teacher_logits, ce_weight, kd_on, key):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, arch,
-                                  train=True, mutable=["batch_stats"], rngs={"dropout": key})
+    if dtype != jnp.float32:
+      params = precision.cast_params(params, batch_stats, dtype)
+    with precision.policy(dtype, batch_stats):
+      logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
+                                    images.astype(dtype), arch, train=True,
+                                    mutable=["batch_stats"], rngs={"dropout": key})
+    logits = logits.astype(jnp.float32)
     loss = ce_weight * losses.cross_entropy(logits, labels, ls)
     if teacher_logits is not None:
       loss = loss + kd_on * kd_weight * losses.distillation(logits, teacher_logits, temp)
@@ -184,10 +206,22 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None):
                "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0, static_argnames="resolution")
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0, static_argnames="resolution")
+  # Inputs arrive already placed (distributed.replicate / shard_batch): in_shardings would
+  # forbid passing the static resolution by keyword. The outputs are pinned so the state stays
+  # replicated step after step.
+  rep = distributed.replicated(mesh)
+  return jax.jit(step, donate_argnums=0, static_argnames="resolution", out_shardings=(rep, rep))
 
 
 # --------------------------------------------------------------------------- state
+
+
+def _state(variables, opt_state, rng) -> dict:
+  return {"step": jnp.int32(0), "params": variables["params"],
+          "batch_stats": variables["batch_stats"], "opt_state": opt_state,
+          "rng": jax.random.key_data(rng)}
 
 
 def init_state(model, config, tx_factory, sample_images) -> tuple[dict, Any]:
@@ -195,22 +229,31 @@ def init_state(model, config, tx_factory, sample_images) -> tuple[dict, Any]:
   init_key, rng = jax.random.split(key)
   variables = models.init(model, init_key, sample_images)
   tx = tx_factory(variables["params"])
-  state = {"step": jnp.int32(0), "params": variables["params"],
-           "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"]),
-           "rng": jax.random.key_data(rng)}
-  return state, tx
+  return _state(variables, tx.init(variables["params"]), rng), tx
 
 
-def load_teacher(config, sample_images):
-  """A frozen ``images -> logits`` of the largest arch, from another training workdir."""
+def abstract_state(model, config, tx_factory, sample_images, sharding=None) -> tuple[dict, Any]:
+  """``init_state``'s (state, tx) with ShapeDtypeStructs for arrays, computing nothing: the
+  restore target when a checkpoint exists (``sharding``: where to restore every array)."""
+  del config  # the seed changes values, not shapes
+  largest = model.search_space().largest()
+  variables = jax.eval_shape(model.init, jax.random.key(0), sample_images, largest)
+  tx = tx_factory(variables["params"])
+  state = jax.eval_shape(lambda v: _state(v, tx.init(v["params"]), jax.random.key(0)), variables)
+  return abstract_like(state, sharding), tx
+
+
+def load_teacher(config, sample_images, mesh=None):
+  """A frozen ``images -> logits`` of the largest arch, from another training workdir
+  (replicated over ``mesh`` when given)."""
   with open(os.path.join(config.teacher_workdir, "config.json")) as f:
     tconf = ml_collections.ConfigDict(json.load(f))
   tmodel, tspace = models.get(tconf.model, **dict(tconf.model_options))
   # The optimizer state's structure does not depend on the schedule's values.
-  state, _ = init_state(tmodel, tconf, lambda p: make_optimizer(
-      tconf, optax.constant_schedule(0.0), p), sample_images)
-  ckpt = Checkpoints(config.teacher_workdir)
-  state, _ = ckpt.restore(abstract_like(state))
+  tx_factory = functools.partial(make_optimizer, tconf, optax.constant_schedule(0.0))
+  sharding = distributed.replicated(mesh) if mesh is not None else None
+  target, _ = abstract_state(tmodel, tconf, tx_factory, sample_images, sharding)
+  state, _ = Checkpoints(config.teacher_workdir).restore(target)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   largest = tspace.largest()
   return lambda images: tmodel.apply(variables, images, largest, train=False)
@@ -221,13 +264,20 @@ def load_teacher(config, sample_images):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains the supernet of ``config`` in ``workdir`` (resuming if it holds checkpoints),
-  then evaluates the largest, the smallest and random subnets; returns the eval records."""
+  then evaluates the largest, the smallest and random subnets; returns the eval records.
+
+  Every process of a multi-process job calls this with the same arguments; ``workdir`` must
+  be visible to all of them. Returns [] when it stops before the end of the schedule
+  (``config.stop_after_steps`` or SIGTERM), after saving a checkpoint to resume from."""
   _check_config(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   model, space = models.get(config.model, **dict(config.model_options))
   if config.dataset not in data.DATASETS:
     raise ValueError(f"unknown config.dataset {config.dataset!r}; known: {sorted(data.DATASETS)}")
+  mesh = distributed.make_mesh(config.get("num_devices", 0))
+  num_shards = mesh.shape[distributed.DATA]
+  distributed.check_batch_size(config.batch_size, num_shards)
   info = data.DATASETS[config.dataset]
   train_source = data.load(config.dataset, config.train_split, config.data_dir or None)
   steps_per_epoch = max(1, len(train_source) // config.batch_size)
@@ -236,25 +286,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   max_subnets = max(p.num_subnets for p in phases)
   boundaries = np.cumsum([p.steps for p in phases])
   if is_main:
+    print(f"{distributed.describe(mesh)}; global batch {config.batch_size} "
+          f"({config.batch_size // num_shards} per device), "
+          f"compute {config.get('compute_dtype', 'float32')}")
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
   sample = jnp.zeros((1, config.resolution, config.resolution, info.channels), jnp.float32)
   schedule = make_schedule(phases)
-  state, tx = init_state(model, config, lambda p: make_optimizer(config, schedule, p), sample)
+  tx_factory = functools.partial(make_optimizer, config, schedule)
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
   start = 0
   if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(abstract_like(state))
+    # Restored straight into the replicated layout; nothing is initialised first.
+    target, tx = abstract_state(model, config, tx_factory, sample, distributed.replicated(mesh))
+    state, _ = ckpt.restore(target)
     start = int(state["step"])
     if is_main:
       print(f"resumed from {ckpt.directory} at step {start}")
-  teacher = load_teacher(config, sample) if config.distill == "teacher" else None
-  train_step = make_train_step(model, space, config, tx, max_subnets, teacher)
+  else:
+    # Initialised on one device (the same values on every process: same seed), then replicated.
+    state, tx = init_state(model, config, tx_factory, sample)
+    state = distributed.replicate(state, mesh)
+  teacher = load_teacher(config, sample, mesh) if config.distill == "teacher" else None
+  train_step = make_train_step(model, space, config, tx, max_subnets, teacher, mesh)
 
+  block, blocks = distributed.process_block(mesh, config.batch_size)
   train_iter = data.make_train_iterator(
       train_source, batch_size=config.batch_size, seed=config.seed, resolution=config.resolution,
-      augment=config.augment, start_step=start, dataset=config.dataset)
+      augment=config.augment, start_step=start, dataset=config.dataset, process_index=block,
+      process_count=blocks)
   resolutions = list(config.get("train_resolutions", ()) or [config.resolution])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   progress = Progress(total_steps, start, config.batch_size, enabled=is_main)
@@ -262,55 +323,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   last_metrics = None
   # stop_after_steps: train part of the schedule now and resume later from the same workdir.
   stop = min(total_steps, config.stop_after_steps) if config.get("stop_after_steps") else total_steps
-  for step in range(start, stop):
-    index = int(np.searchsorted(boundaries, step, side="right"))
-    if index != phase_index:
-      phase_index, phase_data = index, phases[index].as_data()
-    batch = next(train_iter)
-    resolution = resolutions[np.random.default_rng([config.seed, step]).integers(len(resolutions))]
-    state, last_metrics = train_step(state, jnp.asarray(batch["image"]),
-                                     jnp.asarray(batch["label"]), phase_data, resolution=resolution)
-    done = step + 1
-    checkpoint_now = done % config.checkpoint_every_steps == 0 or done in (stop, total_steps)
-    if done % config.log_every_steps == 0 or checkpoint_now:
-      host = {k: float(v) for k, v in jax.device_get(last_metrics).items()}
-      if not all(math.isfinite(v) for v in host.values()):
-        ckpt.wait()
-        raise FloatingPointError(
-            f"the loss became {host['loss']} at step {done} (phase {phases[index].name}); "
-            f"stopped without saving, the last good checkpoint is step {ckpt.latest_step()} in "
-            f"{ckpt.directory}. Lower config.learning_rate or set config.grad_clip_norm.")
-      record = {"step": done, "phase": phases[index].name,
-                "learning_rate": float(schedule(done - 1)), **host}
-      if is_main:
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-      progress.update(done, phases[index].name, host["loss"])
-      if checkpoint_now:
-        ckpt.save(done, state, {"step": done, "phase": phases[index].name})
+  done = start
+  with PreemptionGuard() as guard:
+    for step in range(start, stop):
+      index = int(np.searchsorted(boundaries, step, side="right"))
+      if index != phase_index:
+        phase_index = index
+        phase_data = distributed.replicate(phases[index].as_data(), mesh)
+      batch = distributed.shard_batch(next(train_iter), mesh, config.batch_size)
+      resolution = resolutions[np.random.default_rng([config.seed, step]).integers(len(resolutions))]
+      state, last_metrics = train_step(state, batch["image"], batch["label"], phase_data,
+                                       resolution=resolution)
+      done = step + 1
+      preempted = guard.requested(done)
+      checkpoint_now = (done % config.checkpoint_every_steps == 0 or done in (stop, total_steps)
+                        or preempted)
+      if done % config.log_every_steps == 0 or checkpoint_now:
+        host = {k: float(v) for k, v in jax.device_get(last_metrics).items()}
+        if not all(math.isfinite(v) for v in host.values()):
+          ckpt.wait()
+          raise FloatingPointError(
+              f"the loss became {host['loss']} at step {done} (phase {phases[index].name}); "
+              f"stopped without saving, the last good checkpoint is step {ckpt.latest_step()} in "
+              f"{ckpt.directory}. Lower config.learning_rate or set config.grad_clip_norm.")
+        record = {"step": done, "phase": phases[index].name,
+                  "learning_rate": float(schedule(done - 1)), **host}
+        if is_main:
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        progress.update(done, phases[index].name, host["loss"])
+        if checkpoint_now:
+          ckpt.save(done, state, {"step": done, "phase": phases[index].name})
+      if preempted:
+        break
   progress.close()
   ckpt.close()
+  if guard.signalled:
+    if is_main:
+      print(f"SIGTERM: saved checkpoint {done} in {ckpt.directory}; rerun the same command to "
+            f"resume from it")
+    return []
   if int(state["step"]) < total_steps:
     return []  # stopped early on purpose: evaluate when the schedule is done
-  return final_evaluation(model, space, config, state, workdir, is_main)
+  return final_evaluation(model, space, config, state, workdir, is_main, mesh)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def final_evaluation(model, space, config, state, workdir: str, is_main: bool) -> list[dict]:
+def final_evaluation(model, space, config, state, workdir: str, is_main: bool,
+                     mesh=None) -> list[dict]:
+  """BN calibration and top-1 of the largest, the smallest and random subnets; with a
+  ``mesh`` the calibration and test batches are split over its "data" axis like training's."""
+  mesh = distributed.make_mesh(1) if mesh is None else mesh
+  num_shards = mesh.shape[distributed.DATA]
+  calib_batch = config.eval.calib_batch_size
+  # Calibration statistics depend on the batch, so its size is the user's to change; the test
+  # batch only affects speed (padding is masked), so round it up to fit the mesh.
+  distributed.check_batch_size(calib_batch, num_shards, "config.eval.calib_batch_size")
+  eval_batch = -(-config.eval.batch_size // num_shards) * num_shards
   calib_source = data.load(config.dataset, config.train_split, config.data_dir or None)
-  calib = data.make_train_iterator(calib_source, batch_size=config.eval.calib_batch_size,
+  block, blocks = distributed.process_block(mesh, calib_batch)
+  calib = data.make_train_iterator(calib_source, batch_size=calib_batch,
                                    seed=config.seed + 1, resolution=config.resolution,
-                                   augment="none", start_step=0, dataset=config.dataset)
-  calib_images = jnp.stack([jnp.asarray(next(calib)["image"])
-                            for _ in range(config.eval.calib_batches)])
+                                   augment="none", start_step=0, dataset=config.dataset,
+                                   process_index=block, process_count=blocks)
+  local = {"image": np.stack([next(calib)["image"] for _ in range(config.eval.calib_batches)])}
+  calib_images = distributed.shard_batch(local, mesh, calib_batch, batch_axis=1)["image"]
   named = [("largest", space.largest()), ("smallest", space.smallest())]
   keys = jax.random.split(jax.random.key(config.seed + 2), config.eval.num_random_subnets)
   named += [(space.name(a), a) for a in (space.sample(k) for k in keys)]
   test_source = data.load(config.dataset, config.test_split, config.data_dir or None)
-  batches = data.make_eval_iterator(test_source, batch_size=config.eval.batch_size,
-                                    resolution=config.resolution, dataset=config.dataset)
+  block, blocks = distributed.process_block(mesh, eval_batch)
+  local_batches = data.make_eval_iterator(test_source, batch_size=eval_batch,
+                                          resolution=config.resolution, dataset=config.dataset,
+                                          process_index=block, process_count=blocks)
+  batches = (distributed.shard_batch(b, mesh, eval_batch) for b in local_batches)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   top1, _ = evaluate_archs(model, variables, [a for _, a in named], calib_images, batches)
   records = []
