@@ -86,12 +86,16 @@ def _conv_and_dot_flops(fn, *args):
           yield from walk(p.jaxpr)
         elif isinstance(p, jcore.Jaxpr):
           yield from walk(p)
-  total = 0.0
+  total, seen = 0.0, {}
   for eqn in walk(jax.make_jaxpr(fn)(*args).jaxpr):
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-    single = jax.jit(lambda *a, e=eqn: e.primitive.bind(*a, **e.params))
-    analysis = single.lower(*avals).compile().cost_analysis()
-    total += (analysis if isinstance(analysis, dict) else analysis[0])["flops"]
+    # Equal ops (same primitive, shapes and parameters) recur block after block: compile once.
+    key = (eqn.primitive.name, tuple((a.shape, str(a.dtype)) for a in avals), str(eqn.params))
+    if key not in seen:
+      single = jax.jit(lambda *a, e=eqn: e.primitive.bind(*a, **e.params))
+      analysis = single.lower(*avals).compile().cost_analysis()
+      seen[key] = (analysis if isinstance(analysis, dict) else analysis[0])["flops"]
+    total += seen[key]
   return total
 
 

@@ -23,6 +23,7 @@ transpose.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable, Iterable, NamedTuple
 
@@ -193,6 +194,7 @@ class KeyTable(NamedTuple):
   shapes: dict           # ofajax path -> shape
 
 
+@functools.lru_cache(maxsize=8)  # models are hashable; tracing a full-size init costs seconds
 def key_table(model) -> KeyTable:
   """The state-dict layout of ``model``, checked to cover every one of its variables once."""
   if isinstance(model, OFAMobileNetV3):

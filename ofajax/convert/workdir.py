@@ -40,7 +40,7 @@ def write_workdir(workdir: str, config, variables: dict, meta: dict | None = Non
     tx = train.make_optimizer(config, train.make_schedule(phases), variables["params"])
     _, rng = jax.random.split(jax.random.key(config.seed))  # as train.init_state splits it
     state = {"step": jnp.int32(step), "params": variables["params"],
-             "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"]),
+             "batch_stats": variables["batch_stats"], "opt_state": jax.jit(tx.init)(variables["params"]),
              "rng": jax.random.key_data(rng)}
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

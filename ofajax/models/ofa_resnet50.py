@@ -221,10 +221,15 @@ class OFAResNet50(nn.Module):
   def cost(self, arch, resolution: int):
     """(MACs, params) of ``arch`` at ``resolution``; traced arch in, traced numbers out."""
     stem_mid, stem_out, stages = self._widths(arch)
+    # cost.count traces with float32 archs so that billions of MACs cannot overflow int32; the
+    # channel lookups return int32, so follow the arch's dtype.
+    as_arch = lambda v: v.astype(arch["width"].dtype) if jnp.issubdtype(
+        arch["width"].dtype, jnp.floating) else v
+    stem_mid, stem_out, stages = as_arch(stem_mid), as_arch(stem_out), [as_arch(c) for c in stages]
     blocks, cin = [], stem_out
     for s, i, _, _, _, stride, downsample in self._blocks():
       gate = 1 if i < self.base_depths[s] + min(self.extra_depths) else (i < arch["depth"][s]) * 1
-      blocks.append((BottleneckSpec("", cin, self._mid(arch, s, i), stages[s], stride,
+      blocks.append((BottleneckSpec("", cin, as_arch(self._mid(arch, s, i)), stages[s], stride,
                                     downsample), gate))
       cin = stages[s]
     return resnet_cost(in_channels=self.in_channels, resolution=resolution, stem_mid=stem_mid,
