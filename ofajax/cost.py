@@ -13,14 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def count(model, arch, resolution: int) -> dict:
-  """``{"macs": ..., "params": ...}`` of ``arch`` of ``model`` at input ``resolution``."""
+def count(model, arch, resolution: int, check: bool = True) -> dict:
+  """``{"macs": ..., "params": ...}`` of ``arch`` of ``model`` at input ``resolution``.
+
+  ``check=False`` skips the host validation for archs already checked (search loops).
+  """
   leaves = jax.tree.leaves(arch)
   if any(isinstance(x, jax.core.Tracer) for x in leaves):
     traced = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), arch)
     macs, params = model.cost(traced, int(resolution))
     return {"macs": jnp.asarray(macs, jnp.float32), "params": jnp.asarray(params, jnp.float32)}
-  arch = model.search_space().validate(arch)
+  if check:
+    arch = model.search_space().check_host(arch)
   host = jax.tree.map(lambda v: np.asarray(v, np.int64), arch)
   macs, params = model.cost(host, int(resolution))
   return {"macs": int(macs), "params": int(params)}

@@ -110,6 +110,7 @@ class SearchSpace:
         self._coupling[leaf.name] = table
       elif leaf.name in coupling:
         raise ValueError(f"leaf {leaf.name!r} has no parent, so it cannot be coupled")
+    self._largest_host = None  # filled on first use by canonical_host
     self._key = (self.leaves, self.resolutions,
                  tuple((k, v.tobytes()) for k, v in self._allowed.items()),
                  tuple((k, v.tobytes()) for k, v in self._coupling.items()))
@@ -137,6 +138,23 @@ class SearchSpace:
     mask = self._allowed[name][position] if position else self._allowed[name].any(
         axis=tuple(range(len(leaf.shape))))
     return tuple(v for v, ok in zip(leaf.values, np.atleast_1d(mask)) if ok)
+
+  def choices(self, name: str, position: tuple[int, ...] = (), parent_value: int | None = None
+              ) -> tuple[int, ...]:
+    """The values one position may take: its allowed values, and for a coupled leaf those its
+    parent's value permits (host-side; search mutations and moves use it)."""
+    leaf = self._by_name[name]
+    mask = self._allowed[name][tuple(position)]
+    if leaf.parent is not None and parent_value is not None:
+      parent = self._by_name[leaf.parent]
+      mask = mask & self._coupling[name][parent.values.index(int(parent_value))]
+    return tuple(v for v, ok in zip(leaf.values, mask) if ok)
+
+  def active(self, arch: Mapping[str, Any], name: str) -> np.ndarray:
+    """Bool mask of the positions of leaf ``name`` that matter in ``arch`` (gating)."""
+    leaf = self._by_name[name]
+    return self._active(leaf, np.asarray(arch[leaf.parent])) if leaf.gated else np.ones(
+        leaf.shape, bool)
 
   # ---------------------------------------------------------------- tables (traced data)
   def tables(self) -> dict:
@@ -227,6 +245,10 @@ class SearchSpace:
   # ---------------------------------------------------------------- validation (host)
   def validate(self, arch: Mapping[str, Any]) -> Arch:
     """Checks an arch on the host; returns it as int32 arrays or raises a clear ValueError."""
+    return {k: jnp.asarray(v, jnp.int32) for k, v in self.check_host(arch).items()}
+
+  def check_host(self, arch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """:meth:`validate` without leaving numpy (int64 arrays): for host loops over many archs."""
     if not isinstance(arch, Mapping):
       raise ValueError(f"an arch must be a dict with leaves {list(self.names)}, got {type(arch).__name__}")
     missing = [n for n in self.names if n not in arch]
@@ -270,7 +292,7 @@ class SearchSpace:
           raise ValueError(f"leaf {leaf.name!r}{where}: value {v} is not allowed{why}; "
                            f"allowed values are {allowed}")
       out[leaf.name] = value
-    return {k: jnp.asarray(v, jnp.int32) for k, v in out.items()}
+    return out
 
   def _active(self, leaf: Leaf, parent_value: np.ndarray) -> np.ndarray:
     if not leaf.gated:
@@ -279,13 +301,18 @@ class SearchSpace:
 
   def canonicalize(self, arch: Mapping[str, Any]) -> Arch:
     """Sets gated-off positions to the largest allowed value, so equal subnets compare equal."""
-    arch = {k: np.asarray(v) for k, v in arch.items()}
-    big = self.largest()
+    return {k: jnp.asarray(v, jnp.int32) for k, v in self.canonical_host(arch).items()}
+
+  def canonical_host(self, arch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """:meth:`canonicalize` in numpy (int64 arrays)."""
+    arch = {k: np.asarray(v, np.int64) for k, v in arch.items()}
+    if self._largest_host is None:
+      self._largest_host = {k: np.asarray(v, np.int64) for k, v in self.largest().items()}
     for leaf in self.leaves:
       if leaf.gated:
         active = self._active(leaf, arch[leaf.parent])
-        arch[leaf.name] = np.where(active, arch[leaf.name], np.asarray(big[leaf.name]))
-    return {k: jnp.asarray(v, jnp.int32) for k, v in arch.items()}
+        arch[leaf.name] = np.where(active, arch[leaf.name], self._largest_host[leaf.name])
+    return arch
 
   # ---------------------------------------------------------------- counting
   def _position_choices(self, leaf: Leaf, pos: tuple[int, ...], parent_value: int | None) -> int:

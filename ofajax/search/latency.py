@@ -1,0 +1,189 @@
+"""Latency tables (OFA): time each distinct piece of the exported dense subnets once on this
+device, then predict any arch's latency as the sum of its pieces.
+
+A dense subnet (:class:`ofajax.models.mobilenet.MobileNet`) is split into a stem, one segment
+per block and a tail (head conv, pooling, feature-mix, classifier). A segment's key is its
+static description (channels, kernel, stride, activation, SE, input size), so blocks that look
+the same share one entry. Each entry is the median of ``repeats`` timed calls of the segment,
+compiled on its own, after ``warmup`` calls; ``block_until_ready`` ends every timed call.
+
+Every call of a separately compiled piece pays a fixed dispatch cost that the whole compiled
+net pays once, so the table also stores that cost (the median call time of a jitted function
+that does nothing but return a scalar from the same input) and a prediction is
+``sum(segment - overhead) + overhead``.
+
+A table belongs to one model on one device: its JSON records the model's name and a fingerprint
+of its fields, the device, the batch size and the resolution; loading it for anything else fails
+with a message saying which of them differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ofajax import layers
+from ofajax.models import FAST_COMPILE
+
+
+class _Tail(nn.Module):
+  """Head conv -> global pool -> optional feature-mix -> classifier, as MobileNet ends."""
+  head_width: int
+  head_act: str
+  feature_mix_width: int
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = layers.ConvBN(self.head_width, act=self.head_act, name="head")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    if self.feature_mix_width:
+      x = layers.h_swish(nn.Dense(self.feature_mix_width, use_bias=False, name="feature_mix")(x))
+    return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+def segments(dense_model, resolution: int, in_channels: int) -> list[tuple[str, object, tuple]]:
+  """(key, module, input shape without batch) per piece of a dense MobileNet."""
+  m = dense_model
+  out = [(json.dumps(["stem", in_channels, m.stem_width, m.stem_stride, m.stem_act, resolution]),
+          layers.ConvBN(m.stem_width, 3, m.stem_stride, m.stem_act),
+          (resolution, resolution, in_channels))]
+  hw = layers.conv_output_size(resolution, 3, m.stem_stride)
+  for spec in m.blocks:
+    desc = {k: v for k, v in spec._asdict().items() if k != "name"}
+    out.append((json.dumps(["block", hw, sorted(desc.items())]),
+                layers.MBConv(spec._replace(name="block"), m.depthwise_impl),
+                (hw, hw, spec.in_channels)))
+    hw = (hw - 1) // spec.stride + 1
+  head_in = m.blocks[-1].out_channels if m.blocks else m.stem_width
+  out.append((json.dumps(["tail", hw, head_in, m.head_width, m.head_act, m.feature_mix_width,
+                          m.num_classes]),
+              _Tail(m.head_width, m.head_act, m.feature_mix_width, m.num_classes),
+              (hw, hw, head_in)))
+  return out
+
+
+def time_call(fn, x, warmup: int, repeats: int) -> float:
+  """Median wall time of ``fn(x)`` in milliseconds (compiled before, warmed up first)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(x))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def _compiled(module, shape, batch: int, key):
+  x = jnp.zeros((batch,) + tuple(shape), jnp.float32)
+  init = jax.jit(lambda k, x: module.init(k, x, train=False))
+  variables = init.lower(key, x).compile(compiler_options=FAST_COMPILE)(key, x)
+  fn = jax.jit(lambda x: module.apply(variables, x, train=False))
+  return fn.lower(x).compile(), x
+
+
+def model_fingerprint(model) -> str:
+  fields = {f.name: repr(getattr(model, f.name)) for f in dataclasses.fields(model)
+            if f.name not in ("parent", "name")}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{getattr(d, 'device_kind', '')}"
+
+
+class LatencyTable:
+  """``LatencyTable(model_name, model, resolution, batch_size).measure(archs)`` then
+  ``predict(arch)`` in milliseconds."""
+
+  def __init__(self, model_name: str, model, resolution: int, batch_size: int = 1,
+               warmup: int = 3, repeats: int = 20):
+    if not hasattr(model, "dense_model"):
+      raise ValueError(f"{model_name}: latency tables need a supernet with dense_model()")
+    self.model_name, self.model = model_name, model
+    self.resolution, self.batch_size = int(resolution), int(batch_size)
+    self.warmup, self.repeats = warmup, repeats
+    self.entries: dict[str, float] = {}
+    self.overhead_ms: float | None = None
+    self.in_channels = int(getattr(model, "in_channels", 3))
+
+  def _segments(self, arch):
+    dense = self.model.dense_model(arch)
+    if not hasattr(dense, "blocks"):
+      raise ValueError(f"{self.model_name}: latency tables split MobileNet-style subnets only")
+    return segments(dense, self.resolution, self.in_channels)
+
+  def measure(self, archs, progress=None) -> int:
+    """Times every segment of ``archs`` not yet in the table; returns how many were new."""
+    key = jax.random.key(0)
+    if self.overhead_ms is None:
+      x = jnp.zeros((self.batch_size, self.resolution, self.resolution, self.in_channels))
+      noop = jax.jit(lambda x: x[0, 0, 0, 0]).lower(x).compile()
+      self.overhead_ms = time_call(noop, x, self.warmup, self.repeats)
+    new = 0
+    for arch in archs:
+      for name, module, shape in self._segments(arch):
+        if name in self.entries:
+          continue
+        fn, x = _compiled(module, shape, self.batch_size, key)
+        self.entries[name] = time_call(fn, x, self.warmup, self.repeats)
+        new += 1
+        if progress is not None:
+          progress.update(len(self.entries), f"{len(self.entries)} segments timed")
+    return new
+
+  def predict(self, arch) -> float:
+    total = 0.0
+    for name, _, _ in self._segments(arch):
+      if name not in self.entries:
+        raise KeyError(f"segment {name} is not in the latency table; measure() an arch that "
+                       "contains it first")
+      total += self.entries[name] - self.overhead_ms
+    return total + self.overhead_ms
+
+  def measure_direct(self, arch) -> float:
+    """The whole dense subnet compiled as one function, timed like the segments."""
+    dense = self.model.dense_model(arch)
+    shape = (self.resolution, self.resolution, self.in_channels)
+    fn, x = _compiled(dense, shape, self.batch_size, jax.random.key(0))
+    return time_call(fn, x, self.warmup, self.repeats)
+
+  # ------------------------------------------------------------------ JSON
+  def header(self) -> dict:
+    return {"model": self.model_name, "fingerprint": model_fingerprint(self.model),
+            "device": device_name(), "batch_size": self.batch_size,
+            "resolution": self.resolution}
+
+  def save(self, path: str) -> None:
+    with open(path, "w") as f:
+      json.dump({**self.header(), "warmup": self.warmup, "repeats": self.repeats,
+                 "overhead_ms": self.overhead_ms, "entries": self.entries}, f, indent=1)
+
+  @classmethod
+  def load(cls, path: str, model_name: str, model, resolution: int, batch_size: int
+           ) -> "LatencyTable":
+    try:
+      with open(path) as f:
+        raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"latency table {path} could not be read: {e}") from None
+    table = cls(model_name, model, resolution, batch_size)
+    want = table.header()
+    diffs = [f"{k}: table has {raw.get(k)!r}, this search needs {v!r}"
+             for k, v in want.items() if raw.get(k) != v]
+    if diffs:
+      raise ValueError(f"latency table {path} was built for another setting ("
+                       + "; ".join(diffs) + "). Build a new one for this model and device "
+                       "(leave config.latency.table empty).")
+    table.warmup, table.repeats = raw["warmup"], raw["repeats"]
+    table.overhead_ms, table.entries = raw["overhead_ms"], dict(raw["entries"])
+    return table

@@ -1,0 +1,23 @@
+"""Search a trained supernet: python search.py --config configs/search/autoslim.py --workdir <train workdir>"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ofajax.search.run import run_search
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/search/evolution.py",
+                                          "search config file")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/default",
+                               "the training workdir (config.json + checkpoints); results go to "
+                               "<workdir>/search/<config.name>/")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value overrides")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  run_search(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
