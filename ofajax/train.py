@@ -378,18 +378,20 @@ def final_evaluation(model, space, config, state, workdir: str, is_main: bool,
   mesh = distributed.make_mesh(1) if mesh is None else mesh
   num_shards = mesh.shape[distributed.DATA]
   calib_batch = config.eval.calib_batch_size
-  # Calibration statistics depend on the batch, so its size is the user's to change; the test
-  # batch only affects speed (padding is masked), so round it up to fit the mesh.
-  distributed.check_batch_size(calib_batch, num_shards, "config.eval.calib_batch_size")
+  # Calibration statistics depend on the batch, so a batch that does not split over the mesh
+  # (OFA's 100 on 8 GPUs) is calibrated whole on every device rather than changed. The test
+  # batch only affects speed (padding is masked): it is rounded up to fit the mesh.
+  split = calib_batch % num_shards == 0
   eval_batch = -(-config.eval.batch_size // num_shards) * num_shards
   calib_source = data.load(config.dataset, config.train_split, config.data_dir or None)
-  block, blocks = distributed.process_block(mesh, calib_batch)
+  block, blocks = distributed.process_block(mesh, calib_batch) if split else (0, 1)
   calib = data.make_train_iterator(calib_source, batch_size=calib_batch,
                                    seed=config.seed + 1, resolution=config.resolution,
                                    augment="none", start_step=0, dataset=config.dataset,
                                    process_index=block, process_count=blocks)
   local = {"image": np.stack([next(calib)["image"] for _ in range(config.eval.calib_batches)])}
-  calib_images = distributed.shard_batch(local, mesh, calib_batch, batch_axis=1)["image"]
+  calib_images = (distributed.shard_batch(local, mesh, calib_batch, batch_axis=1) if split
+                  else distributed.replicate(local, mesh))["image"]
   named = [("largest", space.largest()), ("smallest", space.smallest())]
   keys = jax.random.split(jax.random.key(config.seed + 2), config.eval.num_random_subnets)
   named += [(space.name(a), a) for a in (space.sample(k) for k in keys)]

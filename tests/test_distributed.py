@@ -1,5 +1,6 @@
-"""Scale-out: 8 simulated devices equal 1, two processes over gloo, preemption and exact resume
-after SIGKILL, bfloat16 compute, and the errors for bad device / batch settings.
+"""Scale-out: 8 simulated devices equal 1, two processes over gloo (with a SIGTERM that both
+honour), preemption and exact resume after SIGKILL, bfloat16 compute, and the errors for bad
+device / batch settings.
 
 Runs that need several devices or processes are subprocesses: XLA_FLAGS must be set before jax
 is imported. They all see 8 simulated CPU devices and share one persistent compile cache, so a
@@ -123,16 +124,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_over_gloo_train_and_write_one_checkpoint(tmp_path, data_dir):
+def test_two_processes_over_gloo_train_and_save_one_checkpoint_on_sigterm(tmp_path, data_dir):
+  """Two train.py processes (gloo, coordinator on 127.0.0.1) train one model; a SIGTERM to
+  process 1 alone makes both save the same step and exit cleanly."""
   workdir = str(tmp_path / "two")
   coordinator = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
-      _train_cmd(workdir, data_dir, "--config.stop_after_steps=3",
+      _train_cmd(workdir, data_dir, "--config.stop_after_steps=60",
                  "--config.checkpoint_every_steps=100", f"--coordinator_address={coordinator}",
                  "--num_processes=2", f"--process_id={i}"),
       cwd=ROOT, env=_env(None, devices=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for i in range(2)]
   try:
+    _signal_at(procs[1], workdir, 3, signal.SIGTERM)
     outs = [p.communicate(timeout=300)[0] for p in procs]
   finally:
     for p in procs:
@@ -143,28 +147,36 @@ def test_two_processes_over_gloo_train_and_write_one_checkpoint(tmp_path, data_d
   # one mesh over both processes' devices; only process 0 logs
   assert "mesh {'data': 2, 'model': 1} over 2 cpu device(s), 2 process(es)" in outs[0]
   assert "mesh" not in outs[1]
-  assert [m["step"] for m in _metrics(workdir)] == [1, 2, 3]
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  assert "SIGTERM: saved checkpoint" in outs[0], outs[0][-3000:]
+  saved = int(outs[0].split("SIGTERM: saved checkpoint ")[1].split()[0])
+  assert 3 <= saved < 60, "the notice did not reach process 0 (it ran to the end)"
+  assert [m["step"] for m in _metrics(workdir)] == list(range(1, saved + 1))
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(saved)]
   state = _restore(workdir)
-  assert int(state["step"]) == 3
+  assert int(state["step"]) == saved
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
 
 
 # --------------------------------------------------------------------------- preemption
 
 
+def _signal_at(proc, workdir, step, sig):
+  """Sends ``sig`` to ``proc`` once metrics.jsonl shows ``step`` (or gives up when it exits)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(path) and any(m["step"] >= step for m in _metrics(workdir)):
+      proc.send_signal(sig)
+      return
+    time.sleep(0.02)
+
+
 def _run_until(cmd, env, workdir, step, sig):
   """Starts cmd, sends ``sig`` once metrics.jsonl shows ``step``; returns (returncode, output)."""
   p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True)
-  path = os.path.join(workdir, "metrics.jsonl")
   try:
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-      if os.path.exists(path) and any(m["step"] >= step for m in _metrics(workdir)):
-        p.send_signal(sig)
-        break
-      time.sleep(0.02)
+    _signal_at(p, workdir, step, sig)
     out = p.communicate(timeout=300)[0]
   finally:
     if p.poll() is None:
