@@ -19,6 +19,7 @@ from ofajax import cost, train
 from ofajax.checkpoint import Checkpoints, abstract_like
 from ofajax.convert import net_config, ofa_torch
 from ofajax.convert.workdir import write_workdir
+from ofajax.search.supernet import load_supernet
 from conftest import rel_err
 from test_ofa_resnet50 import random_variables, sample_archs
 
@@ -303,3 +304,7 @@ def test_cli_writes_a_workdir_train_py_restores(tmp_path, monkeypatch, official)
   assert int(restored["step"]) == sum(p.steps for p in phases) == meta["step"]
   jax.tree.map(np.testing.assert_array_equal, restored["params"], expected["params"])
   jax.tree.map(np.testing.assert_array_equal, restored["batch_stats"], expected["batch_stats"])
+  # search.py reads the imported workdir like a trained one
+  supernet = load_supernet(workdir)
+  assert supernet.step == int(restored["step"]) and supernet.model_name == "ofa_mbv3"
+  jax.tree.map(np.testing.assert_array_equal, supernet.variables["params"], expected["params"])
