@@ -22,8 +22,6 @@ import functools
 import json
 import math
 import os
-import sys
-import time
 from typing import Any
 
 import jax
@@ -33,6 +31,7 @@ import numpy as np
 import optax
 
 from ofajax import cost, data, distributed, losses, models, precision
+from ofajax.progress import ProgressBar
 from ofajax.checkpoint import Checkpoints, abstract_like
 from ofajax.preemption import PreemptionGuard
 from ofajax.evaluation import evaluate_archs
@@ -318,7 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
       process_count=blocks)
   resolutions = list(config.get("train_resolutions", ()) or [config.resolution])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  progress = Progress(total_steps, start, config.batch_size, enabled=is_main)
+  progress = ProgressBar(total_steps, start=start, per_step=config.batch_size, unit="ex",
+                         enabled=is_main)
   phase_data, phase_index = None, -1
   last_metrics = None
   # stop_after_steps: train part of the schedule now and resume later from the same workdir.
@@ -351,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         if is_main:
           with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        progress.update(done, phases[index].name, host["loss"])
+        progress.update(done, f"{phases[index].name} loss {host['loss']:.4f}")
         if checkpoint_now:
           ckpt.save(done, state, {"step": done, "phase": phases[index].name})
       if preempted:
@@ -445,27 +445,3 @@ def plot_accuracy_vs_macs(records: list[dict], path: str) -> None:
   fig.savefig(path)
   plt.close(fig)
 
-
-class Progress:
-  """A one-line progress bar: step, phase, loss, examples/s, ETA."""
-
-  def __init__(self, total: int, start: int, batch_size: int, enabled: bool = True):
-    self.total, self.start, self.batch = total, start, batch_size
-    self.enabled = enabled
-    self.t0 = time.time()
-
-  def update(self, step: int, phase: str, loss: float) -> None:
-    if not self.enabled:
-      return
-    elapsed = time.time() - self.t0
-    done = step - self.start
-    rate = done * self.batch / max(elapsed, 1e-9)
-    eta = (self.total - step) * elapsed / max(done, 1)
-    bar = "#" * int(30 * step / self.total)
-    sys.stdout.write(f"\r[{bar:<30}] {step}/{self.total} {phase} loss {loss:.4f} "
-                     f"{rate:,.0f} ex/s ETA {eta:,.0f}s ")
-    sys.stdout.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      sys.stdout.write("\n")

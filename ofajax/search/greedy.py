@@ -54,7 +54,7 @@ def greedy_search(space, evaluate: Callable, cost: Callable, targets: Sequence[f
     best = max(candidates, key=_key)
     path.append(best)
     if progress is not None:
-      progress.update(len(evaluated), f"round {len(path) - 1}: {best['move']} -> "
+      progress.update(len(evaluated), f"scored; round {len(path) - 1}: {best['move']} -> "
                       f"{best['macs']:,} MACs, top-1 {100 * best['top1']:.2f}%")
   chosen = {}
   for t in sorted(targets):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
@@ -22,39 +21,13 @@ import orbax.checkpoint as ocp
 
 from ofajax import cost as cost_lib
 from ofajax import data, export
+from ofajax.progress import ProgressBar
 from ofajax.search import evolution, moves, pareto
 from ofajax.search.engine import Evaluator, SearchData, load_search_data
 from ofajax.search.greedy import greedy_search
 from ofajax.search.latency import LatencyTable
 from ofajax.search.predictor import fit_and_report
 from ofajax.search.supernet import load_supernet
-
-
-class Progress:
-  """A one-line progress bar: count / total, a status text, rate and elapsed time."""
-
-  def __init__(self, total: int | None, unit: str, enabled: bool = True):
-    self.total, self.unit, self.enabled = total, unit, enabled
-    self.t0 = time.time()
-
-  def update(self, done: int, text: str = "") -> None:
-    if not self.enabled:
-      return
-    elapsed = time.time() - self.t0
-    bar = ""
-    if self.total:
-      filled = int(30 * min(done, self.total) / self.total)
-      bar = f"[{'#' * filled:<30}] {done}/{self.total} "
-    else:
-      bar = f"{done} {self.unit} "
-    sys.stdout.write(f"\r{bar}{text} ({done / max(elapsed, 1e-9):.1f} {self.unit}/s, "
-                     f"{elapsed:.0f}s)  ")
-    sys.stdout.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      sys.stdout.write("\n")
-      sys.stdout.flush()
 
 
 def _json_arch(arch) -> dict:
@@ -216,16 +189,16 @@ def run_search(config, workdir: str) -> dict:
                   "checkpoint_step": sup.step, "model": sup.model_name, "resolution": resolution,
                   "largest_macs": largest_macs, "smallest_macs": smallest_macs,
                   "targets_macs": targets, "latency": latency_report}
-  progress = Progress(None, "archs", enabled=is_main)
   chosen_records: list[tuple[float, dict]] = []
   if config.method == "greedy":
+    progress = ProgressBar(None, unit="archs", enabled=is_main)
     out = greedy_search(space, evaluate, cost, targets, config.greedy.granularity,
                         config.greedy.bin_steps, progress)
     result["path"] = [_public(r) for r in out["path"]]
     chosen_records = list(out["chosen"].items())
+    progress.close()
   else:
-    chosen_records = _evolution(config, space, evaluate, cost, targets, result, progress)
-  progress.close()
+    chosen_records = _evolution(config, space, evaluate, cost, targets, result, is_main)
 
   evaluated = list(measured.values())
   front_idx = pareto.front([r["top1"] for r in evaluated], [r["macs"] for r in evaluated])
@@ -271,7 +244,7 @@ def _public(record: dict) -> dict:
   return out
 
 
-def _evolution(config, space, evaluate, cost, targets, result, progress) -> list:
+def _evolution(config, space, evaluate, cost, targets, result, is_main) -> list:
   """Runs evolution per target (or once, multi-objective); returns [(target, record)]."""
   ec = config.evolution
   measured_fitness = lambda archs: [s["top1"] for s in evaluate(archs)]
@@ -279,6 +252,8 @@ def _evolution(config, space, evaluate, cost, targets, result, progress) -> list
   if ec.fitness == "predictor":
     rng = np.random.default_rng(config.seed)
     archs = [moves.random_arch(space, rng) for _ in range(config.predictor.num_archs)]
+    if is_main:
+      print(f"measuring {len(archs)} random archs to fit the accuracy predictor", flush=True)
     accs = measured_fitness(archs)
     predictor, report = fit_and_report(
         space, archs, accs, holdout_fraction=config.predictor.holdout_fraction, seed=config.seed,
@@ -293,8 +268,10 @@ def _evolution(config, space, evaluate, cost, targets, result, progress) -> list
   runs = []
   if ec.multi_objective:
     top = max(targets) if targets else None
+    progress = ProgressBar(ec.iterations, unit="iterations", enabled=is_main)
     out = evolution.evolve(space, fitness, cost, evolution.Constraints(macs=top, **bounds),
                            multi_objective=True, progress=progress, **options)
+    progress.close()
     population = out["population"]
     evaluate([r["arch"] for r in population])   # measure the final population: the front
     runs.append({"target_macs": top, "history": out["history"]})
@@ -305,8 +282,10 @@ def _evolution(config, space, evaluate, cost, targets, result, progress) -> list
   else:
     chosen = []
     for t in targets:
+      progress = ProgressBar(ec.iterations, unit="iterations", enabled=is_main)
       out = evolution.evolve(space, fitness, cost, evolution.Constraints(macs=t, **bounds),
                              progress=progress, **options)
+      progress.close()
       runs.append({"target_macs": t, "history": out["history"],
                    "best_fitness": out["best"]["fitness"]})
       chosen.append((t, out["best"]))
@@ -326,7 +305,7 @@ def _latency(config, sup, out_dir, resolution, is_main):
   space = sup.space
   build = [moves.to_host(space.largest()), moves.to_host(space.smallest())]
   build += [moves.random_arch(space, rng) for _ in range(lc.num_table_archs)]
-  progress = Progress(None, "segments", enabled=is_main)
+  progress = ProgressBar(None, unit="segments", enabled=is_main)
   table.measure(build, progress)
   progress.close()
   path = os.path.join(out_dir, "latency_table.json")
