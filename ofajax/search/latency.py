@@ -138,7 +138,7 @@ class LatencyTable:
         self.entries[name] = time_call(fn, x, self.warmup, self.repeats)
         new += 1
         if progress is not None:
-          progress.update(len(self.entries), f"{len(self.entries)} segments timed")
+          progress.update(len(self.entries), "timed")
     return new
 
   def predict(self, arch) -> float:
