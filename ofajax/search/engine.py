@@ -33,6 +33,19 @@ class SearchData(NamedTuple):
   num_valid: int
 
 
+def eval_arrays(dataset: str, split: str, data_dir, batch_size: int, resolution: int):
+  """One split as fixed-shape arrays: images [n_batches, B, ...], labels, float mask, count."""
+  source = data.load(dataset, split, data_dir)
+  batches = list(data.make_eval_iterator(source, batch_size=batch_size, resolution=resolution,
+                                         dataset=dataset))
+  if not batches:
+    raise ValueError(f"split {split!r} of {dataset} is empty")
+  stack = lambda k: np.stack([b[k] for b in batches])
+  mask = stack("mask").astype(np.float32)
+  return (jnp.asarray(stack("image")), jnp.asarray(stack("label"), jnp.int32),
+          jnp.asarray(mask), int(mask.sum()))
+
+
 def load_search_data(train_config, search_config) -> SearchData:
   """Calibration batches and the validation split named by ``search_config`` (from the
   training config's data set, at its resolution)."""
@@ -43,15 +56,9 @@ def load_search_data(train_config, search_config) -> SearchData:
       calib_source, batch_size=search_config.calib_batch_size, seed=search_config.seed + 1,
       resolution=resolution, augment="none", dataset=dataset)
   calib_images = np.stack([next(calib)["image"] for _ in range(search_config.calib_batches)])
-  valid_source = data.load(dataset, search_config.valid_split, data_dir)
-  batches = list(data.make_eval_iterator(valid_source, batch_size=search_config.valid_batch_size,
-                                         resolution=resolution, dataset=dataset))
-  if not batches:
-    raise ValueError(f"validation split {search_config.valid_split!r} of {dataset} is empty")
-  stack = lambda k: np.stack([b[k] for b in batches])
-  mask = stack("mask").astype(np.float32)
-  return SearchData(jnp.asarray(calib_images), jnp.asarray(stack("image")),
-                    jnp.asarray(stack("label"), jnp.int32), jnp.asarray(mask), int(mask.sum()))
+  valid = eval_arrays(dataset, search_config.valid_split, data_dir,
+                      search_config.valid_batch_size, resolution)
+  return SearchData(jnp.asarray(calib_images), *valid)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "archs_per_call"))

@@ -20,10 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ofajax import cost as cost_lib
-from ofajax import data, export
+from ofajax import export
 from ofajax.progress import ProgressBar
 from ofajax.search import evolution, moves, pareto
-from ofajax.search.engine import Evaluator, SearchData, load_search_data
+from ofajax.search.engine import Evaluator, SearchData, eval_arrays, load_search_data
 from ofajax.search.greedy import greedy_search
 from ofajax.search.latency import LatencyTable
 from ofajax.search.predictor import fit_and_report
@@ -118,19 +118,14 @@ def plot_front(evaluated: list[dict], front: list[dict], chosen: list[dict], tar
   plt.close(fig)
 
 
-def _test_data(sup, config, valid: SearchData) -> SearchData | None:
-  """The training config's test split, shaped like the validation set when sizes allow (then
-  the engine's compiled function is reused as is)."""
+def _test_data(sup, config, valid: SearchData) -> SearchData:
+  """The training config's test split with the validation set's calibration batches; shaped
+  like the validation set when sizes allow (then the engine's compiled function is reused)."""
   split = config.test_split or sup.config.get("test_split", "test")
-  source = data.load(sup.config.dataset, split, sup.config.data_dir or None)
   resolution = int(config.resolution or sup.config.resolution)
-  batches = list(data.make_eval_iterator(source, batch_size=config.valid_batch_size,
-                                         resolution=resolution, dataset=sup.config.dataset))
-  stack = lambda k: np.stack([b[k] for b in batches])
-  mask = stack("mask").astype(np.float32)
-  return SearchData(valid.calib_images, jax.numpy.asarray(stack("image")),
-                    jax.numpy.asarray(stack("label"), jax.numpy.int32), jax.numpy.asarray(mask),
-                    int(mask.sum()))
+  return SearchData(valid.calib_images, *eval_arrays(
+      sup.config.dataset, split, sup.config.data_dir or None, config.valid_batch_size,
+      resolution))
 
 
 def run_search(config, workdir: str) -> dict:
