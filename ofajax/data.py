@@ -22,7 +22,14 @@ state is therefore the global step (`iterator.step`, `iterator.state()`): an ite
 
 Batches are host-local numpy arrays {"image": float32 [B/P, H, W, C] normalised, "label": int32
 [B/P]} (+ "mask": bool for eval); a multi-host trainer assembles global arrays from them with
-`jax.make_array_from_process_local_data`.
+`jax.make_array_from_process_local_data`. The key "image" is historical: it holds the model
+input, whatever it is.
+
+Text. Data sets whose DATASETS entry is a `TextSpec` (glue/sst2, imdb_reviews) take the same
+three calls, which hand over to `ofajax.text_data`: `load` returns a `TextSource`, and the
+iterators yield {"image": int32 [B/P, T] token ids ([CLS] first, 0 = padding), "label"} with the
+order, process slices and resume above; the sequence length T is the `resolution=` argument, and
+`vocab_size=` (pass the model's) bounds the ids. augment must be "none".
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import importlib
 import io
 import math
 import os
@@ -38,6 +46,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from ofajax import text_data
+from ofajax.text_data import TextSpec
 
 __all__ = [
     "AUGMENTATIONS",
@@ -49,10 +60,12 @@ __all__ = [
     "LOCAL_DATASETS",
     "Mnist5k",
     "SPLIT_SEED",
+    "TextSpec",
     "center_crop",
     "default_data_dir",
     "ensure_local_dataset",
     "load",
+    "lookup_spec",
     "make_eval_iterator",
     "make_train_iterator",
     "pad_random_crop",
@@ -60,6 +73,7 @@ __all__ = [
     "random_flip",
     "random_resized_crop",
     "resize",
+    "spec_key",
     "transform",
 ]
 
@@ -106,7 +120,7 @@ class DataSpec:
 
 # Full MNIST train-set statistics; mnist_5k's 4,000 train images give 0.1310 / 0.3080.
 _MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
-DATASETS: dict[str, DataSpec] = {
+DATASETS: dict[str, DataSpec | TextSpec] = {
     "mnist_5k": DataSpec(10, (28, 28, 1), _MNIST_MEAN, _MNIST_STD, augment="mnist", resolution=28),
     "mnist": DataSpec(10, (28, 28, 1), _MNIST_MEAN, _MNIST_STD, augment="mnist", resolution=28),
     # digits: mean / std of the 1,437 train images after scaling 0..16 -> 0..255 -> [0, 1].
@@ -117,7 +131,33 @@ DATASETS: dict[str, DataSpec] = {
                          augment="cifar", resolution=32),
     "imagenet2012": DataSpec(1000, (None, None, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                              eval_split="validation", augment="imagenet", resolution=224),
+    # Text (ofajax.text_data). glue/sst2's test split is unlabelled (label -1): train on "train",
+    # evaluate on "validation" (872 sentences), so a config's test_split is "validation".
+    "glue/sst2": TextSpec(2, text_key="sentence", train_split="train", eval_split="validation",
+                          max_length=64, builder_module="tensorflow_datasets.text.glue"),
+    "imdb_reviews": TextSpec(2, text_key="text", train_split="train", eval_split="test",
+                             max_length=256),
 }
+
+
+def spec_key(name: str) -> str | None:
+  """The DATASETS key of a TFDS name: "glue/sst2", "glue/sst2:2.0.0" and "glue/sst2/2.0.0"
+  -> "glue/sst2"; "cifar10:3.0.2" -> "cifar10"; "imdb_reviews/plain_text/1.0.0" ->
+  "imdb_reviews" (a data set registered without its config). None if not registered."""
+  name = name.split(":")[0]
+  parts = name.split("/")
+  if len(parts) > 1 and parts[-1][:1].isdigit():  # a version
+    parts = parts[:-1]
+  for k in range(len(parts), 0, -1):
+    if "/".join(parts[:k]) in DATASETS:
+      return "/".join(parts[:k])
+  return None
+
+
+def lookup_spec(name: str) -> DataSpec | TextSpec | None:
+  """The DATASETS entry of a TFDS name (see `spec_key`), or None."""
+  key = spec_key(name)
+  return DATASETS[key] if key is not None else None
 
 
 def default_data_dir() -> str:
@@ -309,7 +349,7 @@ def prepare_instructions(name: str, data_dir=None) -> str:
 
 
 def _missing_message(name: str, data_dir: str) -> str:
-  base = _base_name(name)
+  base = name.split(":")[0]  # with the config, if any: glue/sst2 lives in <data_dir>/glue/sst2
   found = sorted(
       v for v in (os.listdir(os.path.join(data_dir, base))
                   if os.path.isdir(os.path.join(data_dir, base)) else [])
@@ -320,12 +360,12 @@ def _missing_message(name: str, data_dir: str) -> str:
             f"without TensorFlow). Rebuild it:\n  tfds build {name} --data_dir {data_dir} "
             f"--file_format array_record\nor convert it (needs TensorFlow):\n  tfds convert_format "
             f"--dataset_version_dir {where} --out_file_format array_record")
-  known = _is_registered(base)
+  known = _is_registered(_base_name(name))
   head = (f"Data set {name!r} is not prepared in data_dir {data_dir} (searched "
           f"{os.path.join(data_dir, base)}; set OFAJAX_DATA_DIR or pass data_dir= to look "
           f"elsewhere).")
   if not known:
-    return head + f" TFDS knows no builder named {base!r} either; check the name."
+    return head + f" TFDS knows no builder named {_base_name(name)!r} either; check the name."
   return head + "\n" + prepare_instructions(name, data_dir)
 
 
@@ -335,18 +375,25 @@ def load(name: str, split: str, data_dir=None):
   Any TFDS data set prepared in array_record format (mnist_5k and digits are built on first
   use); split strings like "train[:90%]" or "train[-10%:]" work. Never downloads: a missing data
   set raises DatasetNotPreparedError (a FileNotFoundError) whose message names the data set, the
-  data_dir searched and the command that prepares it.
+  data_dir searched and the command that prepares it. Text data sets (a TextSpec in DATASETS)
+  come wrapped in a `text_data.TextSource`, which also knows where their vocabulary is cached.
   """
   data_dir = _resolve(data_dir)
   if _base_name(name) in LOCAL_DATASETS:
     ensure_local_dataset(_base_name(name), data_dir)
+  spec = lookup_spec(name)
+  if isinstance(spec, TextSpec) and spec.builder_module:
+    importlib.import_module(spec.builder_module)  # registers e.g. glue with TFDS
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (tfds.core.registered.DatasetNotFoundError, NotImplementedError, FileNotFoundError) as e:
     # Not prepared: NotImplementedError ("Random access data source for file format TFRECORD is
     # not supported", TFDS's default format when it finds no dataset_info.json) for known
     # builders, DatasetNotFoundError for names it cannot resolve.
     raise DatasetNotPreparedError(_missing_message(name, data_dir)) from e
+  if isinstance(spec, TextSpec):
+    return text_data.TextSource(source, spec_key(name), data_dir, spec, split)
+  return source
 
 
 # ------------------------------------------------------------------------------------------------
@@ -549,22 +596,67 @@ class _Reader:
     return np.asarray(r[self.image_key]), int(r[self.label_key])
 
 
-def _spec_for(source, dataset) -> tuple[str | None, DataSpec | None]:
-  if isinstance(dataset, DataSpec):
+def _spec_for(source, dataset) -> tuple[str | None, DataSpec | TextSpec | None]:
+  if isinstance(dataset, (DataSpec, TextSpec)):
     return None, dataset
   name = dataset
+  if name is None and isinstance(source, text_data.TextSource):
+    name = source.name
   if name is None:
     info = getattr(source, "dataset_info", None)
-    name = getattr(info, "name", None)
+    # full_name ("glue/sst2/2.0.0") keeps the config that name ("glue") drops.
+    name = getattr(info, "full_name", None) or getattr(info, "name", None)
   if name is None:
     return None, None
-  return name, DATASETS.get(_base_name(name))
+  return name, lookup_spec(name)
+
+
+def _process_slice(batch_size: int, process_index, process_count) -> tuple[int, int, int]:
+  """(p, P, B / P): this process, the process count and the host-local batch size."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= p < count or batch_size % count:
+    raise ValueError(f"global batch_size {batch_size} must split evenly over {count} processes "
+                     f"(process_index {p})")
+  return p, count, batch_size // count
+
+
+def _train_order(n: int, batch_size: int, seed: int, p: int, local: int):
+  """(steps_per_epoch, order): order(k) = (step, position in the global batch, example index)
+  of the k-th host-local training example, by the documented epoch permutations."""
+  steps_per_epoch = n // batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size {batch_size} exceeds the {n} examples of the split")
+  perms: dict[int, np.ndarray] = {}
+  lock = threading.Lock()
+
+  def permutation(epoch: int) -> np.ndarray:
+    with lock:
+      if epoch not in perms:
+        if len(perms) >= 3:  # keep the few epochs that threads may straddle
+          del perms[min(perms)]
+        perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+      return perms[epoch]
+
+  def order(k: int) -> tuple[int, int, int]:
+    step, j = divmod(int(k), local)
+    epoch, b = divmod(step, steps_per_epoch)
+    position = p * local + j  # in the global batch
+    return step, position, int(permutation(epoch)[b * batch_size + position])
+
+  return steps_per_epoch, order
+
+
+def _eval_index(k: int, batch_size: int, p: int, local: int) -> int:
+  """Example index of the k-th host-local eval example (>= n: padding)."""
+  step, j = divmod(int(k), local)
+  return step * batch_size + p * local + j
 
 
 def _setup(source, dataset, resolution, mean, std, in_memory, num_threads, image_key, label_key,
            process_index, process_count, batch_size):
-  import jax  # pylint: disable=g-import-not-at-top
-
   name, spec = _spec_for(source, dataset)
   if spec is None and (mean is None or std is None or resolution is None):
     raise ValueError(f"unknown data set {name!r}: pass dataset= (one of {sorted(DATASETS)}) or "
@@ -572,11 +664,7 @@ def _setup(source, dataset, resolution, mean, std, in_memory, num_threads, image
   resolution = resolution or spec.resolution or spec.image_shape[0]
   mean = np.asarray(spec.mean if mean is None else mean, np.float32)
   std = np.asarray(spec.std if std is None else std, np.float32)
-  p = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  if not 0 <= p < count or batch_size % count:
-    raise ValueError(f"global batch_size {batch_size} must split evenly over {count} processes "
-                     f"(process_index {p})")
+  p, count, _ = _process_slice(batch_size, process_index, process_count)
   n = len(source)
   if in_memory is None:
     in_memory = n <= IN_MEMORY_MAX_EXAMPLES
@@ -586,12 +674,27 @@ def _setup(source, dataset, resolution, mean, std, in_memory, num_threads, image
   return spec, resolution, mean, std, p, count, n, reader, num_threads
 
 
+def _text_call(source, dataset, mean, std, image_key, label_key, vocab_size) -> dict | None:
+  """The text pipeline's extra arguments when `dataset` / `source` is a text data set, else None
+  (and vocab_size must be None)."""
+  name, spec = _spec_for(source, dataset)
+  if not isinstance(spec, TextSpec):
+    if vocab_size is not None:
+      raise ValueError(f"vocab_size is for text data sets; {name or 'this data set'} is not one")
+    return None
+  if mean is not None or std is not None or image_key != "image":
+    raise ValueError("mean=, std= and image_key= are for image data sets; "
+                     f"{name or 'this data set'} is a text data set")
+  return {"dataset": name if name is not None else spec, "vocab_size": vocab_size,
+          "label_key": None if label_key == "label" else label_key}
+
+
 def make_train_iterator(source, *, batch_size: int, seed: int, resolution: int | None = None,
                         augment: str = "none", dataset: str | DataSpec | None = None,
                         process_index: int | None = None, process_count: int | None = None,
                         start_step: int = 0, mean=None, std=None, in_memory: bool | None = None,
                         num_threads: int | None = None, image_key: str = "image",
-                        label_key: str = "label") -> Batches:
+                        label_key: str = "label", vocab_size: int | None = None) -> Batches:
   """Endless training batches {"image": float32 [b, R, R, C], "label": int32 [b]}, b = B / P.
 
   source: anything with len() and [i] -> {"image": uint8 HWC, "label": int} (e.g. `load(...)`).
@@ -606,33 +709,27 @@ def make_train_iterator(source, *, batch_size: int, seed: int, resolution: int |
   Reading: splits of <= IN_MEMORY_MAX_EXAMPLES examples are read into memory once and each batch
   is computed in the calling thread (num_threads=0); larger ones are read from the array_record
   files by a grain thread pool (num_threads default min(16, cpus)). Both give identical batches.
+
+  Text data sets (a TextSpec) go to `text_data.make_train_iterator`: "image" holds int32 [b, T]
+  token ids, T = resolution; vocab_size (text only; pass the model's) bounds the ids.
   """
+  text = _text_call(source, dataset, mean, std, image_key, label_key, vocab_size)
+  if text is not None:
+    return text_data.make_train_iterator(
+        source, batch_size=batch_size, seed=seed, resolution=resolution, augment=augment,
+        process_index=process_index, process_count=process_count, start_step=start_step,
+        in_memory=in_memory, num_threads=num_threads, **text)
   if augment not in AUGMENTATIONS:
     raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
   _, resolution, mean, std, p, count, n, reader, num_threads = _setup(
       source, dataset, resolution, mean, std, in_memory, num_threads, image_key, label_key,
       process_index, process_count, batch_size)
   local = batch_size // count
-  steps_per_epoch = n // batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f"batch_size {batch_size} exceeds the {n} examples of the split")
-
-  perms: dict[int, np.ndarray] = {}
-  lock = threading.Lock()
-
-  def permutation(epoch: int) -> np.ndarray:
-    with lock:
-      if epoch not in perms:
-        if len(perms) >= 3:  # keep the few epochs that threads may straddle
-          del perms[min(perms)]
-        perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-      return perms[epoch]
+  steps_per_epoch, order = _train_order(n, batch_size, seed, p, local)
 
   def example(k: int) -> dict[str, np.ndarray]:
-    step, j = divmod(int(k), local)
-    epoch, b = divmod(step, steps_per_epoch)
-    position = p * local + j  # in the global batch
-    image, label = reader[permutation(epoch)[b * batch_size + position]]
+    step, position, index = order(k)
+    image, label = reader[index]
     rng = np.random.default_rng([seed, _AUG_STREAM, step, position])
     x = transform(image, rng, augment=augment, resolution=resolution)
     return {"image": ((x / 255.0 - mean) / std).astype(np.float32), "label": np.int32(label)}
@@ -647,15 +744,21 @@ def make_eval_iterator(source, *, batch_size: int, resolution: int | None = None
                        process_count: int | None = None, crop_fraction: float | None = -1.0,
                        mean=None, std=None, in_memory: bool | None = None,
                        num_threads: int | None = None, image_key: str = "image",
-                       label_key: str = "label") -> Batches:
+                       label_key: str = "label", vocab_size: int | None = None) -> Batches:
   """One ordered pass: ceil(n / B) batches {"image", "label", "mask": bool [b]} per process.
 
   Global batch i holds examples [i * B, (i + 1) * B); process p takes its contiguous slice of
   size b = B / P; positions past the end are padding (zero image, label 0, mask False), so
   every process yields the same number of batches and summing over mask counts each example
   exactly once. crop_fraction: central crop before the resize; the default (-1) means 0.875 for
-  variable-size data sets (imagenet2012) and none for fixed-size ones.
+  variable-size data sets (imagenet2012) and none for fixed-size ones. Text data sets go to
+  `text_data.make_eval_iterator` (crop_fraction is ignored; vocab_size as for training).
   """
+  text = _text_call(source, dataset, mean, std, image_key, label_key, vocab_size)
+  if text is not None:
+    return text_data.make_eval_iterator(
+        source, batch_size=batch_size, resolution=resolution, process_index=process_index,
+        process_count=process_count, in_memory=in_memory, num_threads=num_threads, **text)
   spec, resolution, mean, std, p, count, n, reader, num_threads = _setup(
       source, dataset, resolution, mean, std, in_memory, num_threads, image_key, label_key,
       process_index, process_count, batch_size)
@@ -667,8 +770,7 @@ def make_eval_iterator(source, *, batch_size: int, resolution: int | None = None
 
   def example(k: int) -> dict[str, np.ndarray]:
     nonlocal channels
-    step, j = divmod(int(k), local)
-    index = step * batch_size + p * local + j
+    index = _eval_index(k, batch_size, p, local)
     if index >= n:
       if channels is None:
         channels = np.asarray(reader[0][0]).shape[-1] if n else (spec.channels if spec else 1)
