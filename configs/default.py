@@ -38,6 +38,16 @@ def get_config():
   c.kd_temperature = 1.0
   c.inplace_ce_weight = 0.0     # US-Nets: subnets other than the largest learn from it alone
   c.teacher_workdir = ""
+  c.kd_loss = "soft_ce"         # or "kl": same gradient, zero when the subnet matches its teacher
+  c.hidden_mse_weight = 0.0     # transformers: MSE of the kept layers' outputs to the teacher's
+  c.embedding_mse_weight = 0.0  # transformers: MSE of the embedding output to the teacher's
+
+  # Start from a trained workdir's weights (same model) instead of a random init, e.g. a fully
+  # trained network before elastic training (DynaBERT's starting point).
+  c.init_workdir = ""
+  # Transformers: before elastic training, permute heads and FFN neurons by importance measured
+  # on a few training batches, so width prefixes keep the most important ones (DynaBERT).
+  c.reorder = ml_collections.ConfigDict({"enabled": False, "batches": 4})
 
   c.num_epochs = 16.0
   c.phases = [ml_collections.ConfigDict({

@@ -22,6 +22,9 @@ def _as_stats(moments: dict) -> dict:
 
 def calibrate_one(model, variables: dict, arch, images: jax.Array) -> dict:
   """batch_stats for one arch: averages of the batch moments over ``images`` [num_batches, B, ...]."""
+  if not variables["batch_stats"]:  # no BatchNorm (transformers): nothing to calibrate
+    return {}
+
   def moments(x):
     _, state = model.apply(variables, x, arch, train=True, mutable=["bn_moments"],
                            rngs={"dropout": jax.random.key(0)})

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ofajax import models
+
 
 def extract_subnet(model, variables: dict, arch, space=None):
   """Returns ``(dense_model, dense_variables)`` for ``arch`` (validated on the host first)."""
@@ -20,13 +22,20 @@ def extract_subnet(model, variables: dict, arch, space=None):
 
 
 def save_stablehlo(dense_model, dense_variables: dict, path: str, resolution: int,
-                   in_channels: int) -> jax.export.Exported:
-  """Serialises ``x -> logits`` (eval mode, weights baked in, any batch size) to ``path``."""
+                   in_channels: int = 3) -> jax.export.Exported:
+  """Serialises ``x -> logits`` (eval mode, weights baked in, any batch size) to ``path``.
+
+  ``x`` is float32 [batch, resolution, resolution, in_channels] images, or for text models
+  int32 [batch, resolution] token ids (``resolution`` is then the sequence length).
+  """
   def forward(x):
     return dense_model.apply(dense_variables, x, train=False)
 
   batch = jax.export.symbolic_shape("batch")[0]
-  spec = jax.ShapeDtypeStruct((batch, resolution, resolution, in_channels), jnp.float32)
+  if models.takes_tokens(dense_model):
+    spec = jax.ShapeDtypeStruct((batch, resolution), jnp.int32)
+  else:
+    spec = jax.ShapeDtypeStruct((batch, resolution, resolution, in_channels), jnp.float32)
   exported = jax.export.export(jax.jit(forward))(spec)
   with open(path, "wb") as f:
     f.write(exported.serialize())

@@ -1,4 +1,5 @@
-"""Losses for supernet training: label-smoothed cross-entropy and distillation."""
+"""Losses for supernet training: label-smoothed cross-entropy and distillation (logits; and
+for transformers the hidden states and embeddings, as TinyBERT and DynaBERT distil them)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,52 @@ def distillation(logits: jax.Array, teacher_logits: jax.Array, temperature: floa
   soft = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
   per_example = optax.softmax_cross_entropy(logits / temperature, soft)
   return _mean(per_example, weights) * temperature**2
+
+
+def kl_divergence(logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0,
+                  weights: jax.Array | None = None) -> jax.Array:
+  """KL(teacher || student) of the temperature-softened outputs, times T^2.
+
+  Equals :func:`distillation` minus the teacher's entropy: the same gradient, but zero when the
+  student matches the teacher, which makes logged losses comparable across teachers.
+  """
+  teacher = jax.lax.stop_gradient(teacher_logits) / temperature
+  log_p_teacher = jax.nn.log_softmax(teacher)
+  log_p_student = jax.nn.log_softmax(logits / temperature)
+  per_example = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+  return _mean(per_example, weights) * temperature**2
+
+
+def hidden_state_mse(student: dict, teacher: dict) -> tuple[jax.Array, jax.Array]:
+  """(hidden-state MSE, embedding MSE) between a subnet and its teacher.
+
+  Both dicts come from a transformer's ``apply(..., return_hidden=True)``: "layers" [L, B, T, D]
+  (each layer's output), "embedding" [B, T, D], "keep" [L] and "token_mask" [B, T]. Layer l of
+  the subnet is matched with layer l of the teacher, over the layers the subnet keeps: a dropped
+  layer passes its input on, so the kept ones are DynaBERT's mapped layers. Padding tokens do not
+  count. Every token's vector is standardised (a LayerNorm without parameters) before the
+  squared error: a pre-LN transformer's residual stream grows in scale with depth and training,
+  and unnormalised MSE on it made training diverge (measured on the MNIST ViT: gradient norm 1.5
+  -> 320 in 40 steps); post-LN BERT's hidden states are normalised already.
+  """
+  tokens = student["token_mask"].astype(jnp.float32)
+
+  def per_token(a, b):
+    a = _standardise(a.astype(jnp.float32))
+    b = _standardise(jax.lax.stop_gradient(b).astype(jnp.float32))
+    return jnp.mean(jnp.square(a - b), axis=-1)
+
+  normaliser = jnp.maximum(jnp.sum(tokens), 1.0)
+  per_layer = jnp.sum(per_token(student["layers"], teacher["layers"]) * tokens, axis=(1, 2))
+  keep = student["keep"].astype(jnp.float32)
+  hidden = jnp.sum(per_layer * keep) / (normaliser * jnp.maximum(jnp.sum(keep), 1.0))
+  embedding = jnp.sum(per_token(student["embedding"], teacher["embedding"]) * tokens) / normaliser
+  return hidden, embedding
+
+
+def _standardise(x, eps: float = 1e-6):
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(jnp.var(x, axis=-1, keepdims=True) + eps)
 
 
 def _mean(values, weights):

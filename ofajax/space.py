@@ -42,12 +42,16 @@ class Leaf:
     parent: name of a leaf whose shape is a prefix of this one's (``shape == parent.shape +
       (n,)``); required for ``gated`` and for coupling.
     gated: position ``[..., i]`` is active only when ``i < arch[parent][...]``.
+    gate: for a gated leaf, another rule than that prefix: ``gate[j][i]`` says whether position
+      ``[..., i]`` is active when the parent takes its ``j``-th value (DynaBERT's depth keeps
+      layers spread over the stack, not the first ones).
   """
   name: str
   shape: tuple[int, ...]
   values: tuple[int, ...]
   parent: str | None = None
   gated: bool = False
+  gate: tuple[tuple[bool, ...], ...] | None = None
 
 
 class SearchSpace:
@@ -83,6 +87,11 @@ class SearchSpace:
                            f"{parent.shape} plus one axis")
       elif leaf.gated:
         raise ValueError(f"leaf {leaf.name!r}: gated leaves need a parent")
+      if leaf.gate is not None:
+        parent = by_name.get(leaf.parent)
+        if not leaf.gated or np.shape(leaf.gate) != (len(parent.values), leaf.shape[-1]):
+          raise ValueError(f"leaf {leaf.name!r}: gate must be a gated leaf's [parent values, "
+                           f"{leaf.shape[-1]}] table, got shape {np.shape(leaf.gate)}")
       by_name[leaf.name] = leaf
     self._by_name = by_name
     allowed = dict(allowed or {})
@@ -297,7 +306,15 @@ class SearchSpace:
   def _active(self, leaf: Leaf, parent_value: np.ndarray) -> np.ndarray:
     if not leaf.gated:
       return np.ones(leaf.shape, bool)
+    if leaf.gate is not None:
+      parent = self._by_name[leaf.parent]
+      index = np.searchsorted(parent.values, np.asarray(parent_value))
+      return np.asarray(leaf.gate, bool)[index]
     return np.arange(leaf.shape[-1]) < np.asarray(parent_value)[..., None]
+
+  def _active_positions(self, leaf: Leaf, parent_value: int) -> list[int]:
+    """Positions along a child's last axis that a parent value leaves active."""
+    return [int(i) for i in np.nonzero(self._active(leaf, np.asarray(parent_value)))[0]]
 
   def canonicalize(self, arch: Mapping[str, Any]) -> Arch:
     """Sets gated-off positions to the largest allowed value, so equal subnets compare equal."""
@@ -334,8 +351,7 @@ class SearchSpace:
         for v in self.allowed_values(leaf.name, pos):
           sub = 1
           for child in children[leaf.name]:
-            n = v if child.gated else child.shape[-1]
-            for i in range(min(n, child.shape[-1])):
+            for i in self._active_positions(child, v):
               sub *= self._position_choices(child, pos + (i,), v)
           count += sub
         total *= count
@@ -357,8 +373,7 @@ class SearchSpace:
         for v in self.allowed_values(leaf.name, pos):
           slots, choices = [], []
           for child in children[leaf.name]:
-            n_active = v if child.gated else child.shape[-1]
-            for i in range(min(n_active, child.shape[-1])):
+            for i in self._active_positions(child, v):
               cpos = pos + (i,)
               mask = self._allowed[child.name][cpos] & self._coupling[child.name][
                   self._by_name[leaf.name].values.index(v)]

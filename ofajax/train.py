@@ -75,9 +75,19 @@ def _check_config(config) -> None:
   if config.distill == "teacher" and not config.teacher_workdir:
     raise ValueError("config.distill='teacher' needs config.teacher_workdir: the workdir of a "
                      "trained full network (e.g. the same config with a single largest-arch phase)")
+  if config.get("kd_loss", "soft_ce") not in ("soft_ce", "kl"):
+    raise ValueError(f"config.kd_loss must be 'soft_ce' or 'kl', got {config.kd_loss!r}")
+  if _hidden_distillation(config) and config.distill == "none":
+    raise ValueError("config.hidden_mse_weight / embedding_mse_weight distil hidden states from a "
+                     "teacher: set config.distill to 'inplace' or 'teacher'")
   if config.optimizer not in ("sgd", "adamw"):
     raise ValueError(f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
   precision.compute_dtype(config.get("compute_dtype", "float32"))
+
+
+def _hidden_distillation(config) -> bool:
+  """Whether the loss matches hidden states (transformers: DynaBERT's hidden + embedding MSE)."""
+  return bool(config.get("hidden_mse_weight", 0.0) or config.get("embedding_mse_weight", 0.0))
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -133,20 +143,29 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, me
   batch. ``config.compute_dtype`` picks the compute precision (``ofajax.precision``).
   """
   ls, kd_weight, temp = config.label_smoothing, config.kd_weight, config.kd_temperature
+  kd_fn = losses.kl_divergence if config.get("kd_loss", "soft_ce") == "kl" else losses.distillation
+  hidden = _hidden_distillation(config)
+  hidden_w, embed_w = config.get("hidden_mse_weight", 0.0), config.get("embedding_mse_weight", 0.0)
   dtype = precision.compute_dtype(config.get("compute_dtype", "float32"))
 
-  def loss_fn(params, batch_stats, arch, images, labels, teacher_logits, ce_weight, kd_on, key):
+  def loss_fn(params, batch_stats, arch, images, labels, teacher, ce_weight, kd_on, key):
+    """``teacher``: None, or {"logits"} (+ "extra": hidden states when distilling them)."""
     if dtype != jnp.float32:
       params = precision.cast_params(params, batch_stats, dtype)
+    inputs = images.astype(dtype) if jnp.issubdtype(images.dtype, jnp.floating) else images
     with precision.policy(dtype, batch_stats):
-      logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                                    images.astype(dtype), arch, train=True,
-                                    mutable=["batch_stats"], rngs={"dropout": key})
+      out, updates = model.apply({"params": params, "batch_stats": batch_stats}, inputs, arch,
+                                 train=True, mutable=["batch_stats"], rngs={"dropout": key},
+                                 **({"return_hidden": True} if hidden else {}))
+    logits, extra = out if hidden else (out, None)
     logits = logits.astype(jnp.float32)
     loss = ce_weight * losses.cross_entropy(logits, labels, ls)
-    if teacher_logits is not None:
-      loss = loss + kd_on * kd_weight * losses.distillation(logits, teacher_logits, temp)
-    return loss, (logits, updates["batch_stats"])
+    if teacher is not None:
+      loss = loss + kd_on * kd_weight * kd_fn(logits, teacher["logits"], temp)
+      if hidden:
+        hidden_loss, embed_loss = losses.hidden_state_mse(extra, teacher["extra"])
+        loss = loss + kd_on * (hidden_w * hidden_loss + embed_w * embed_loss)
+    return loss, ((logits, extra), updates.get("batch_stats", batch_stats))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -162,7 +181,7 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, me
   inplace = config.distill == "inplace"
 
   def step(state, images, labels, phase, resolution: int):
-    if images.shape[1] != resolution:
+    if images.ndim == 4 and images.shape[1] != resolution:  # images (token ids are never resized)
       images = jax.image.resize(images, (images.shape[0], resolution, resolution,
                                          images.shape[-1]), "bilinear")
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -179,23 +198,33 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, me
       def run(carry):
         grads, batch_stats, total, first_loss, soft = carry
         if inplace:
-          teacher_logits = soft
+          teacher_out = soft
           ce_weight = jnp.where(i == 0, 1.0, config.inplace_ce_weight)
           weight = jnp.where(i == 0, 0.0, 1.0)  # subnet 0 has no teacher yet
         else:
-          teacher_logits, ce_weight, weight = external, 1.0, 1.0
-        (loss, (logits, batch_stats)), g = grad_fn(
-            params, batch_stats, arch, images, labels, teacher_logits, ce_weight, weight, k)
+          teacher_out, ce_weight, weight = external, 1.0, 1.0
+        (loss, (out, batch_stats)), g = grad_fn(
+            params, batch_stats, arch, images, labels, teacher_out, ce_weight, weight, k)
         if inplace:
-          soft = jnp.where(i == 0, jax.lax.stop_gradient(logits), soft)
+          logits, extra = out
+          new = {"logits": logits, **({"extra": extra} if hidden else {})}
+          soft = jax.tree.map(lambda n, o: jnp.where(i == 0, jax.lax.stop_gradient(n), o),
+                              new, soft)
         first_loss = jnp.where(i == 0, loss, first_loss)
         return jax.tree.map(jnp.add, grads, g), batch_stats, total + loss, first_loss, soft
 
       return jax.lax.cond(i < phase["num_subnets"], run, lambda c: c, carry), None
 
-    num_classes = model.num_classes
+    # The in-place teacher slot: the largest subnet's logits (and hidden states), zeros until
+    # subnet 0 fills it.
+    soft = {"logits": jax.ShapeDtypeStruct((images.shape[0], model.num_classes), jnp.float32)}
+    if hidden:
+      soft["extra"] = jax.eval_shape(
+          lambda p: model.apply({"params": p, "batch_stats": state["batch_stats"]}, images,
+                                phase["largest"], train=False, return_hidden=True)[1], params)
+    soft = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), soft)
     init = (jax.tree.map(jnp.zeros_like, params), state["batch_stats"], jnp.float32(0.0),
-            jnp.float32(0.0), jnp.zeros((images.shape[0], num_classes), jnp.float32))
+            jnp.float32(0.0), soft)
     xs = (archs, jax.random.split(drop_key, max_subnets), jnp.arange(max_subnets))
     (grads, batch_stats, total, loss0, _), _ = jax.lax.scan(body, init, xs)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -237,14 +266,52 @@ def abstract_state(model, config, tx_factory, sample_images, sharding=None) -> t
   del config  # the seed changes values, not shapes
   largest = model.search_space().largest()
   variables = jax.eval_shape(model.init, jax.random.key(0), sample_images, largest)
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
   tx = tx_factory(variables["params"])
   state = jax.eval_shape(lambda v: _state(v, tx.init(v["params"]), jax.random.key(0)), variables)
   return abstract_like(state, sharding), tx
 
 
+def prepare_weights(state, model, config, train_source, workdir: str, is_main: bool) -> dict:
+  """The starting weights of a new run: ``config.init_workdir``'s trained weights instead of the
+  random init when given, then (``config.reorder.enabled``) heads and FFN neurons re-ordered by
+  importance measured on ``config.reorder.batches`` training batches (DynaBERT). The importance
+  goes to ``<workdir>/importance.json``."""
+  if config.get("init_workdir"):
+    from ofajax.search.supernet import load_supernet  # pylint: disable=g-import-not-at-top
+    source = load_supernet(config.init_workdir)
+    if source.config.model != config.model or dict(source.config.get("model_options", {})) != dict(
+        config.model_options):
+      raise ValueError(
+          f"config.init_workdir {config.init_workdir} holds a {source.config.model} "
+          f"{dict(source.config.get('model_options', {}))}, but this run trains a {config.model} "
+          f"{dict(config.model_options)}; start from a workdir of the same model")
+    state = dict(state, params=source.variables["params"],
+                 batch_stats=source.variables["batch_stats"])
+    if is_main:
+      print(f"initialised from {config.init_workdir} (step {source.step})")
+  reorder = config.get("reorder", {})
+  if not reorder or not reorder.get("enabled", False):
+    return state
+  from ofajax import importance  # pylint: disable=g-import-not-at-top
+  batches = data.make_train_iterator(
+      train_source, batch_size=config.batch_size, seed=config.seed + 3,
+      resolution=config.resolution, augment="none", start_step=0, dataset=config.dataset,
+      process_index=0, process_count=1)
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  variables, scores = importance.reorder_by_importance(
+      model, variables, [next(batches) for _ in range(int(reorder.get("batches", 4)))])
+  if is_main:
+    with open(os.path.join(workdir, "importance.json"), "w") as f:
+      json.dump({k: np.asarray(v).tolist() for k, v in scores.items()}, f)
+    print(f"re-ordered heads and FFN neurons by importance ({reorder.get('batches', 4)} batches; "
+          f"{workdir}/importance.json)")
+  return dict(state, params=variables["params"], batch_stats=variables["batch_stats"])
+
+
 def load_teacher(config, sample_images, mesh=None):
-  """A frozen ``images -> logits`` of the largest arch, from another training workdir
-  (replicated over ``mesh`` when given)."""
+  """A frozen ``images -> {"logits"}`` of the largest arch (+ ``"extra"``: hidden states when
+  the config distils them), from another training workdir (replicated over ``mesh`` if given)."""
   with open(os.path.join(config.teacher_workdir, "config.json")) as f:
     tconf = ml_collections.ConfigDict(json.load(f))
   tmodel, tspace = models.get(tconf.model, **dict(tconf.model_options))
@@ -255,7 +322,12 @@ def load_teacher(config, sample_images, mesh=None):
   state, _ = Checkpoints(config.teacher_workdir).restore(target)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   largest = tspace.largest()
-  return lambda images: tmodel.apply(variables, images, largest, train=False)
+  if _hidden_distillation(config):
+    def forward(images):
+      logits, extra = tmodel.apply(variables, images, largest, train=False, return_hidden=True)
+      return {"logits": logits, "extra": extra}
+    return forward
+  return lambda images: {"logits": tmodel.apply(variables, images, largest, train=False)}
 
 
 # --------------------------------------------------------------------------- the job
@@ -277,7 +349,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   mesh = distributed.make_mesh(config.get("num_devices", 0))
   num_shards = mesh.shape[distributed.DATA]
   distributed.check_batch_size(config.batch_size, num_shards)
-  info = data.DATASETS[config.dataset]
   train_source = data.load(config.dataset, config.train_split, config.data_dir or None)
   steps_per_epoch = max(1, len(train_source) // config.batch_size)
   phases = [Phase(p, i, space, steps_per_epoch) for i, p in enumerate(config.phases)]
@@ -291,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  sample = jnp.zeros((1, config.resolution, config.resolution, info.channels), jnp.float32)
+  sample = models.sample_input(model, config.resolution)
   schedule = make_schedule(phases)
   tx_factory = functools.partial(make_optimizer, config, schedule)
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -306,6 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   else:
     # Initialised on one device (the same values on every process: same seed), then replicated.
     state, tx = init_state(model, config, tx_factory, sample)
+    state = prepare_weights(state, model, config, train_source, workdir, is_main)
     state = distributed.replicate(state, mesh)
   teacher = load_teacher(config, sample, mesh) if config.distill == "teacher" else None
   train_step = make_train_step(model, space, config, tx, max_subnets, teacher, mesh)

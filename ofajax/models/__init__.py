@@ -7,7 +7,12 @@ import difflib
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
+from ofajax.models import elastic_bert as _elastic_bert
+from ofajax.models import elastic_vit as _elastic_vit
+from ofajax.models.elastic_bert import ElasticBERT
+from ofajax.models.elastic_vit import ElasticViT
 from ofajax.models.mobilenet import MobileNet
 from ofajax.models.ofa_mbv3 import OFAMobileNetV3
 from ofajax.models import ofa_mbv3 as _ofa_mbv3
@@ -28,6 +33,11 @@ _REGISTRY: dict[str, tuple[type, dict, Callable]] = {
     "ofa_resnet50_tiny": (OFAResNet50, _ofa_resnet50.TINY, lambda m: m.search_space()),
     "slim_mobilenet_v2": (SlimMobileNetV2, {}, lambda m: m.search_space()),
     "slim_mobilenet_v2_tiny": (SlimMobileNetV2, _slim.TINY, lambda m: m.search_space()),
+    "elastic_vit": (ElasticViT, {}, lambda m: m.search_space()),
+    "elastic_vit_mnist": (ElasticViT, _elastic_vit.MNIST, lambda m: m.search_space()),
+    "elastic_vit_tiny": (ElasticViT, _elastic_vit.TINY, lambda m: m.search_space()),
+    "elastic_bert": (ElasticBERT, {}, lambda m: m.search_space()),
+    "elastic_bert_tiny": (ElasticBERT, _elastic_bert.TINY, lambda m: m.search_space()),
 }
 
 
@@ -57,12 +67,35 @@ def get(name: str, **overrides) -> tuple:
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def takes_tokens(model) -> bool:
+  """Whether ``model`` reads int token ids [B, T] (text) rather than NHWC images."""
+  return getattr(model, "input_kind", "image") == "tokens"
+
+
+def input_spec(model, resolution: int, batch=1) -> jax.ShapeDtypeStruct:
+  """Shape and dtype of ``batch`` inputs at ``resolution`` (image side, or sequence length)."""
+  if takes_tokens(model):
+    return jax.ShapeDtypeStruct((batch, resolution), jnp.int32)
+  channels = int(getattr(model, "in_channels", 3))
+  return jax.ShapeDtypeStruct((batch, resolution, resolution, channels), jnp.float32)
+
+
+def sample_input(model, resolution: int, batch: int = 1) -> jax.Array:
+  """A dummy input for ``init`` / ``eval_shape`` (ones: a real token, not padding)."""
+  spec = input_spec(model, resolution, batch)
+  return jnp.ones(spec.shape, spec.dtype)
+
+
 def init(model, key: jax.Array, x: jax.Array, arch=None) -> dict:
   """``model.init`` at the largest arch (or ``arch``), compiled with :data:`FAST_COMPILE`."""
   arch = model.search_space().largest() if arch is None else arch
   compiled = jax.jit(model.init).lower(key, x, arch).compile(compiler_options=FAST_COMPILE)
-  return compiled(key, x, arch)
+  variables = compiled(key, x, arch)
+  # Models without BatchNorm (transformers) get an empty collection, so that training, BN
+  # calibration and checkpoints treat every model alike.
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-__all__ = ["get", "init", "FAST_COMPILE", "names", "MobileNet", "OFAMobileNetV3", "OFAResNet50",
+__all__ = ["get", "init", "input_spec", "sample_input", "takes_tokens", "FAST_COMPILE", "names",
+           "ElasticBERT", "ElasticViT", "MobileNet", "OFAMobileNetV3", "OFAResNet50",
            "ResNet", "SlimMobileNetV2", "SearchSpace"]

@@ -14,7 +14,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -83,12 +82,10 @@ def load_supernet(workdir: str, step: int | None = None) -> Supernet:
       stored = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
     except Exception as e:  # unreadable metadata: name the directory and the cause
       raise ValueError(f"checkpoint {state_dir} could not be read ({type(e).__name__}: {e})") from e
-    channels = int(getattr(model, "in_channels", 3))
-    res = int(config.resolution)
     expected = jax.eval_shape(model.init, jax.random.key(0),
-                              jnp.zeros((1, res, res, channels)), space.largest())
+                              models.sample_input(model, int(config.resolution)), space.largest())
     for part in ("params", "batch_stats"):
-      want, got = _shapes(expected[part]), _shapes(stored.get(part, {}) if hasattr(
+      want, got = _shapes(expected.get(part, {})), _shapes(stored.get(part, {}) if hasattr(
           stored, "get") else stored[part])
       for name in sorted(set(want) | set(got)):
         if want.get(name) != got.get(name):
@@ -102,5 +99,5 @@ def load_supernet(workdir: str, step: int | None = None) -> Supernet:
     state, _ = ckpt.restore(abstract, step)
   finally:
     ckpt.close()
-  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
   return Supernet(config, model, space, variables, int(step), workdir)
