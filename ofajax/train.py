@@ -80,6 +80,11 @@ def _check_config(config) -> None:
   if _hidden_distillation(config) and config.distill == "none":
     raise ValueError("config.hidden_mse_weight / embedding_mse_weight distil hidden states from a "
                      "teacher: set config.distill to 'inplace' or 'teacher'")
+  if _hidden_distillation(config) and config.distill == "inplace":
+    raise ValueError(
+        "hidden-state / embedding distillation needs a fixed teacher: set config.distill="
+        "'teacher' and config.teacher_workdir (DynaBERT's setting). In place, the subnets pull "
+        "the shared weights toward collapsed hidden states and the largest subnet stops learning.")
   if config.optimizer not in ("sgd", "adamw"):
     raise ValueError(f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
   precision.compute_dtype(config.get("compute_dtype", "float32"))
@@ -280,8 +285,8 @@ def prepare_weights(state, model, config, train_source, workdir: str, is_main: b
   if config.get("init_workdir"):
     from ofajax.search.supernet import load_supernet  # pylint: disable=g-import-not-at-top
     source = load_supernet(config.init_workdir)
-    if source.config.model != config.model or dict(source.config.get("model_options", {})) != dict(
-        config.model_options):
+    options = lambda c: json.loads(json.dumps(c.get("model_options", {}).to_dict()))
+    if source.config.model != config.model or options(source.config) != options(config):
       raise ValueError(
           f"config.init_workdir {config.init_workdir} holds a {source.config.model} "
           f"{dict(source.config.get('model_options', {}))}, but this run trains a {config.model} "
@@ -297,7 +302,7 @@ def prepare_weights(state, model, config, train_source, workdir: str, is_main: b
   batches = data.make_train_iterator(
       train_source, batch_size=config.batch_size, seed=config.seed + 3,
       resolution=config.resolution, augment="none", start_step=0, dataset=config.dataset,
-      process_index=0, process_count=1)
+      process_index=0, process_count=1, vocab_size=getattr(model, "vocab_size", None))
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   variables, scores = importance.reorder_by_importance(
       model, variables, [next(batches) for _ in range(int(reorder.get("batches", 4)))])
@@ -386,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   train_iter = data.make_train_iterator(
       train_source, batch_size=config.batch_size, seed=config.seed, resolution=config.resolution,
       augment=config.augment, start_step=start, dataset=config.dataset, process_index=block,
-      process_count=blocks)
+      process_count=blocks, vocab_size=getattr(model, "vocab_size", None))
   resolutions = list(config.get("train_resolutions", ()) or [config.resolution])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   progress = ProgressBar(total_steps, start=start, per_step=config.batch_size, unit="ex",
@@ -460,7 +465,8 @@ def final_evaluation(model, space, config, state, workdir: str, is_main: bool,
   calib = data.make_train_iterator(calib_source, batch_size=calib_batch,
                                    seed=config.seed + 1, resolution=config.resolution,
                                    augment="none", start_step=0, dataset=config.dataset,
-                                   process_index=block, process_count=blocks)
+                                   process_index=block, process_count=blocks,
+                                   vocab_size=getattr(model, "vocab_size", None))
   local = {"image": np.stack([next(calib)["image"] for _ in range(config.eval.calib_batches)])}
   calib_images = (distributed.shard_batch(local, mesh, calib_batch, batch_axis=1) if split
                   else distributed.replicate(local, mesh))["image"]
@@ -471,7 +477,8 @@ def final_evaluation(model, space, config, state, workdir: str, is_main: bool,
   block, blocks = distributed.process_block(mesh, eval_batch)
   local_batches = data.make_eval_iterator(test_source, batch_size=eval_batch,
                                           resolution=config.resolution, dataset=config.dataset,
-                                          process_index=block, process_count=blocks)
+                                          process_index=block, process_count=blocks,
+                                          vocab_size=getattr(model, "vocab_size", None))
   batches = (distributed.shard_batch(b, mesh, eval_batch) for b in local_batches)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   top1, _ = evaluate_archs(model, variables, [a for _, a in named], calib_images, batches)

@@ -136,29 +136,40 @@ def test_hidden_state_distillation_loss():
   np.testing.assert_allclose(g_kl, g_ce, atol=1e-6)
 
 
-def vit_config(data_dir, **overrides):  # noqa: F811
-  """A 2-phase (width, then width + depth) tiny ViT on digits 8x8 with DynaBERT's losses."""
+def vit_config(data_dir, stage, **overrides):  # noqa: F811
+  """A tiny ViT on digits 8x8 in DynaBERT's steps: ``"full"`` trains the full network alone;
+  ``"elastic"`` starts from it (re-ordered by importance), then trains width, then width + depth,
+  distilled from it (KL on logits + hidden-state + embedding MSE)."""
   c = tiny_config(data_dir)
   c.model = "elastic_vit_tiny"
   c.model_options = ml_collections.ConfigDict({"num_classes": 10, "patch_size": 4,
                                                "resolutions": (8,), "depth_rule": "spread"})
   c.optimizer, c.learning_rate, c.weight_decay = "adamw", 1e-3, 0.01
-  c.kd_loss, c.hidden_mse_weight, c.embedding_mse_weight = "kl", 1.0, 1.0
-  c.num_epochs = 10 / 44
-  width = ml_collections.ConfigDict(dict(c.phases[0]))
-  width.name, width.epochs, width.restrict = "width", 4 / 44, {"depth": [3]}
-  both = ml_collections.ConfigDict(dict(c.phases[0]))
-  both.name, both.epochs = "width_depth", 6 / 44
-  c.phases = [width, both]
-  c.reorder.enabled = True
+  base = dict(c.phases[0])
+  if stage == "full":
+    c.distill = "none"
+    c.phases = [ml_collections.ConfigDict(dict(
+        base, name="full", epochs=4 / 44, num_subnets=1, sampling="random",
+        restrict={"depth": [3], "heads": [4], "ffn": [64]}))]
+  else:
+    c.kd_loss, c.hidden_mse_weight, c.embedding_mse_weight = "kl", 1.0, 1.0
+    c.distill = "teacher"
+    c.phases = [ml_collections.ConfigDict(dict(base, name="width", epochs=3 / 44,
+                                               restrict={"depth": [3]})),
+                ml_collections.ConfigDict(dict(base, name="width_depth", epochs=3 / 44,
+                                               restrict={}))]
+    c.reorder.enabled = True
   for k, v in overrides.items():
     c[k] = v
   return c
 
 
-def test_vit_trains_reorders_evaluates_and_searches(tmp_path, data_dir):  # noqa: F811
-  workdir = str(tmp_path / "vit")
-  records = training.train_and_evaluate(vit_config(data_dir), workdir)
+def test_dynabert_steps_train_reorder_distil_evaluate_and_search(tmp_path, data_dir):  # noqa: F811
+  full = str(tmp_path / "full")
+  training.train_and_evaluate(vit_config(data_dir, "full"), full)
+  workdir = str(tmp_path / "elastic")
+  records = training.train_and_evaluate(
+      vit_config(data_dir, "elastic", teacher_workdir=full, init_workdir=full), workdir)
   assert [r["name"] for r in records[:2]] == ["largest", "smallest"]
   assert records[0]["macs"] > records[1]["macs"]
   assert all(0.0 <= r["top1"] <= 1.0 for r in records)
@@ -166,6 +177,8 @@ def test_vit_trains_reorders_evaluates_and_searches(tmp_path, data_dir):  # noqa
   assert np.asarray(importance["heads"]).shape == (3, 4)
   assert np.asarray(importance["ffn"]).shape == (3, 64)
   assert np.asarray(importance["heads"]).max() > 0
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
 
   search = autoslim.get_config()
   search.calib_split, search.calib_batches, search.calib_batch_size = "train[:-240]", 1, 32
@@ -177,12 +190,20 @@ def test_vit_trains_reorders_evaluates_and_searches(tmp_path, data_dir):  # noqa
   assert chosen["macs"] <= chosen["target_macs"]
   assert os.path.exists(os.path.join(chosen["export_dir"], "model.stablehlo"))
 
+  # init_workdir must hold the same model.
+  other = vit_config(data_dir, "elastic", teacher_workdir=full, init_workdir=full)
+  other.model_options.depth_rule = "first"
+  with pytest.raises(ValueError, match="start from a workdir of the same model"):
+    training.train_and_evaluate(other, str(tmp_path / "other"))
 
-def test_hidden_distillation_needs_a_teacher(tmp_path, data_dir):  # noqa: F811
-  with pytest.raises(ValueError, match="hidden states from a teacher"):
-    training.train_and_evaluate(vit_config(data_dir, distill="none"), str(tmp_path / "x"))
+
+def test_hidden_distillation_needs_a_fixed_teacher(tmp_path, data_dir):  # noqa: F811
+  for distill, match in (("none", "hidden states from a teacher"), ("inplace", "fixed teacher")):
+    with pytest.raises(ValueError, match=match):
+      training.train_and_evaluate(vit_config(data_dir, "elastic", distill=distill),
+                                  str(tmp_path / distill))
   with pytest.raises(ValueError, match="kd_loss"):
-    training.train_and_evaluate(vit_config(data_dir, kd_loss="mse"), str(tmp_path / "y"))
+    training.train_and_evaluate(vit_config(data_dir, "full", kd_loss="mse"), str(tmp_path / "y"))
 
 
 def test_wrong_inputs_are_named():

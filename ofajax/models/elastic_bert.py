@@ -43,6 +43,7 @@ class ElasticBERT(ElasticEncoderMixin, nn.Module):
   layers: Sequence[transformer.LayerSpec] = ()   # non-empty: this is a dense subnet
 
   input_kind = "tokens"  # int32 [B, T] token ids rather than images
+  kernel_init = staticmethod(transformer.INIT)  # a plain attribute: not a module field
 
   def num_tokens(self, resolution: int) -> int:
     if not 1 <= resolution <= self.max_length:

@@ -2,7 +2,9 @@
 
 Structure: non-overlapping ``patch_size`` patches -> linear patch embedding, a learned class
 token and learned position embeddings; ``num_layers`` pre-LayerNorm encoder layers (GELU FFN);
-a final LayerNorm on the class token and a linear classifier. The arch is
+a final LayerNorm on the class token and a linear classifier. ``pool="mean"`` with
+``position="sincos"`` is instead the "simple ViT" of Beyer et al. (2022): no class token, fixed 2-D
+sine-cosine positions, global average pooling; on small data sets it learns much faster. The arch is
 ``{"depth", "heads", "ffn"}`` (``ofajax.models.encoder``); ``apply(variables, x, arch,
 train=...)`` runs the supernet on NHWC images, and the same class built with ``layers=`` is a
 dense subnet (``apply(variables, x, train=...)``), which :meth:`dense_model` makes.
@@ -36,14 +38,18 @@ class ElasticViT(ElasticEncoderMixin, nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-6
+  pool: str = "cls"             # "cls" (class token) or "mean" (average of the patch tokens)
+  position: str = "learned"     # "learned" or "sincos" (fixed, no parameters)
   resolutions: Sequence[int] = (224,)
   layers: Sequence[transformer.LayerSpec] = ()   # non-empty: this is a dense subnet
+
+  kernel_init = staticmethod(transformer.VIT_INIT)  # a plain attribute: not a module field
 
   def num_tokens(self, resolution: int) -> int:
     if resolution % self.patch_size:
       raise ValueError(f"resolution {resolution} must be a multiple of patch_size "
                        f"{self.patch_size}")
-    return (resolution // self.patch_size) ** 2 + 1
+    return (resolution // self.patch_size) ** 2 + (self.pool == "cls")
 
   @nn.compact
   def __call__(self, x, arch=None, train: bool = False, head_scale=None,
@@ -57,16 +63,27 @@ class ElasticViT(ElasticEncoderMixin, nn.Module):
     b, size, p = x.shape[0], x.shape[1], self.patch_size
     n = size // p
     patches = x.reshape(b, n, p, n, p, x.shape[-1]).transpose(0, 1, 3, 2, 4, 5)
-    tokens = nn.Dense(self.hidden_dim, kernel_init=transformer.INIT, name="patch_embed")(
+    tokens = nn.Dense(self.hidden_dim, kernel_init=transformer.VIT_INIT, name="patch_embed")(
         patches.reshape(b, n * n, p * p * x.shape[-1]))
-    cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.hidden_dim))
-    tokens = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.hidden_dim)).astype(tokens.dtype),
-                              tokens], axis=1)
-    pos = self.param("pos_embedding", transformer.INIT, (1, n * n + 1, self.hidden_dim))
-    embedding = nn.Dropout(self.dropout_rate, deterministic=not train)(tokens + pos)
+    if self.pool not in ("cls", "mean") or self.position not in ("learned", "sincos"):
+      raise ValueError(f"pool must be 'cls' or 'mean' and position 'learned' or 'sincos', got "
+                       f"{self.pool!r} / {self.position!r}")
+    if self.pool == "cls":
+      cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.hidden_dim))
+      tokens = jnp.concatenate(
+          [jnp.broadcast_to(cls, (b, 1, self.hidden_dim)).astype(tokens.dtype), tokens], axis=1)
+    if self.position == "learned":
+      pos = self.param("pos_embedding", transformer.INIT, (1, tokens.shape[1], self.hidden_dim))
+    else:
+      pos = transformer.sincos_2d(n, self.hidden_dim)
+      if self.pool == "cls":  # the class token has no position
+        pos = jnp.concatenate([jnp.zeros((1, self.hidden_dim)), pos])
+    embedding = nn.Dropout(self.dropout_rate, deterministic=not train)(
+        tokens + pos.astype(tokens.dtype))
     h, hidden, keep = self._encode(embedding, None, arch if not self.layers else None, train,
                                    head_scale, return_hidden)
-    h = nn.LayerNorm(self.layer_norm_eps, name="ln_final")(h[:, 0])
+    h = h[:, 0] if self.pool == "cls" else jnp.mean(h, axis=1)
+    h = nn.LayerNorm(self.layer_norm_eps, name="ln_final")(h)
     logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="classifier")(h)
     if return_hidden:
       return self._hidden_output(logits, embedding, hidden, keep, None)
@@ -76,10 +93,13 @@ class ElasticViT(ElasticEncoderMixin, nn.Module):
     return self.clone(layers=self.dense_layers(arch), parent=None)
 
   def _head_cost(self, resolution: int):
-    n, d, c = self.num_tokens(resolution) - 1, self.hidden_dim, self.num_classes
+    d, c = self.hidden_dim, self.num_classes
+    n = (resolution // self.patch_size) ** 2
     patch = self.patch_size ** 2 * self.in_channels
     macs = n * patch * d + d * c
-    params = patch * d + d + d + (n + 1) * d + 2 * d + d * c + c
+    cls = d if self.pool == "cls" else 0
+    pos = self.num_tokens(resolution) * d if self.position == "learned" else 0
+    params = patch * d + d + cls + pos + 2 * d + d * c + c
     return macs, params
 
 

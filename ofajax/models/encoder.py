@@ -71,7 +71,7 @@ class ElasticEncoderMixin:
     return {"head_dim": self.head_dim, "pre_norm": self.pre_norm,
             "dropout_rate": self.dropout_rate,
             "attention_dropout_rate": self.attention_dropout_rate,
-            "layer_norm_eps": self.layer_norm_eps}
+            "layer_norm_eps": self.layer_norm_eps, "kernel_init": self.kernel_init}
 
   def _encode(self, x, key_mask, arch, train, head_scale, return_hidden):
     """The layer stack for the supernet (``arch`` given) or the dense subnet (``self.layers``)."""

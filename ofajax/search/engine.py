@@ -33,11 +33,12 @@ class SearchData(NamedTuple):
   num_valid: int
 
 
-def eval_arrays(dataset: str, split: str, data_dir, batch_size: int, resolution: int):
+def eval_arrays(dataset: str, split: str, data_dir, batch_size: int, resolution: int,
+                vocab_size=None):
   """One split as fixed-shape arrays: images [n_batches, B, ...], labels, float mask, count."""
   source = data.load(dataset, split, data_dir)
   batches = list(data.make_eval_iterator(source, batch_size=batch_size, resolution=resolution,
-                                         dataset=dataset))
+                                         dataset=dataset, vocab_size=vocab_size))
   if not batches:
     raise ValueError(f"split {split!r} of {dataset} is empty")
   stack = lambda k: np.stack([b[k] for b in batches])
@@ -46,7 +47,7 @@ def eval_arrays(dataset: str, split: str, data_dir, batch_size: int, resolution:
           jnp.asarray(mask), int(mask.sum()))
 
 
-def load_search_data(train_config, search_config) -> SearchData:
+def load_search_data(train_config, search_config, vocab_size=None) -> SearchData:
   """Calibration batches and the validation split named by ``search_config`` (from the
   training config's data set, at its resolution)."""
   dataset, data_dir = train_config.dataset, train_config.data_dir or None
@@ -54,10 +55,10 @@ def load_search_data(train_config, search_config) -> SearchData:
   calib_source = data.load(dataset, search_config.calib_split, data_dir)
   calib = data.make_train_iterator(
       calib_source, batch_size=search_config.calib_batch_size, seed=search_config.seed + 1,
-      resolution=resolution, augment="none", dataset=dataset)
+      resolution=resolution, augment="none", dataset=dataset, vocab_size=vocab_size)
   calib_images = np.stack([next(calib)["image"] for _ in range(search_config.calib_batches)])
   valid = eval_arrays(dataset, search_config.valid_split, data_dir,
-                      search_config.valid_batch_size, resolution)
+                      search_config.valid_batch_size, resolution, vocab_size)
   return SearchData(jnp.asarray(calib_images), *valid)
 
 

@@ -125,7 +125,7 @@ def _test_data(sup, config, valid: SearchData) -> SearchData:
   resolution = int(config.resolution or sup.config.resolution)
   return SearchData(valid.calib_images, *eval_arrays(
       sup.config.dataset, split, sup.config.data_dir or None, config.valid_batch_size,
-      resolution))
+      resolution, getattr(sup.model, "vocab_size", None)))
 
 
 def run_search(config, workdir: str) -> dict:
@@ -140,7 +140,7 @@ def run_search(config, workdir: str) -> dict:
     f.write(config.to_json_best_effort(indent=2))
   resolution = int(config.resolution or sup.config.resolution)
   space, model = sup.space, sup.model
-  search_data = load_search_data(sup.config, config)
+  search_data = load_search_data(sup.config, config, getattr(model, "vocab_size", None))
   evaluator = Evaluator(model, sup.variables, search_data, config.engine.chunk_size,
                         config.engine.archs_per_call)
 

@@ -1,0 +1,88 @@
+"""DynaBERT (Hou et al., NeurIPS 2020) on GLUE SST-2: an elastic BERT-base, width then depth.
+
+Needs the data set prepared once (TensorFlow on the preparing machine only):
+
+  tfds build glue/sst2 --file_format array_record
+
+Two runs, selected by the argument after the file name:
+
+  # 1. the full network, trained alone (DynaBERT starts from a fine-tuned BERT; ofajax cannot
+  #    download pretrained weights, so this trains it on SST-2 itself)
+  python train.py --config configs/dynabert_sst2.py:full --workdir /tmp/bert_full
+  # 2. DynaBERT's two stages in one run, from the full network's weights re-ordered by head and
+  #    neuron importance, distilled from it (logits + hidden states + embeddings):
+  #    width-adaptive first (width 0.25/0.5/0.75/1 of heads and FFN, all 12 layers), then width-
+  #    and depth-adaptive (depth 6/9/12, layers dropped evenly, DynaBERT's rule)
+  python train.py --config configs/dynabert_sst2.py --workdir /tmp/dynabert \\
+      --config.teacher_workdir=/tmp/bert_full --config.init_workdir=/tmp/bert_full
+
+Differences from DynaBERT's recipe: heads and FFN width are chosen per layer (DynaBERT uses one
+width multiplier for all layers; sampling per layer also covers those subnets), the stage-2
+teacher is the full network rather than the stage-1 width-adaptive one, and the tokenizer is
+ofajax's word-level vocabulary of SST-2's training split, not BERT's WordPiece. SST-2's test
+labels are hidden, so the validation split is the test split here.
+"""
+
+import ml_collections
+
+from configs import default
+
+STAGES = ("elastic", "full")
+
+
+def get_config(stage: str = "elastic"):
+  if stage not in STAGES:
+    raise ValueError(f"configs/dynabert_sst2.py:<stage>: stage must be one of {STAGES}, "
+                     f"got {stage!r}")
+  c = default.get_config()
+  c.model = "elastic_bert"      # BERT-base: 12 layers, 768 wide, 12 heads, FFN 3072
+  c.model_options = ml_collections.ConfigDict({
+      "num_classes": 2, "vocab_size": 16384, "max_length": 128, "depth_rule": "spread",
+      "depth_choices": (6, 9, 12), "min_heads": 3, "ffn_step": 768, "min_ffn_dim": 768,
+      "resolutions": (64,)})
+  c.dataset = "glue/sst2"
+  c.train_split, c.test_split = "train", "validation"
+  c.resolution = 64             # tokens per sentence ([CLS] ... [SEP], padded)
+  c.augment = "none"
+  c.batch_size = 32
+
+  c.optimizer = "adamw"
+  c.weight_decay = 0.01
+  c.grad_clip_norm = 1.0
+  c.label_smoothing = 0.0
+
+  c.eval.calib_batches = 1      # no BatchNorm: calibration has nothing to do
+  c.eval.calib_batch_size = 32
+  c.eval.batch_size = 128
+  c.checkpoint_every_steps = 1000
+
+  widths = {"heads": [3, 6, 9, 12], "ffn": [768, 1536, 2304, 3072]}  # width 0.25 .. 1.0
+  if stage == "full":
+    c.learning_rate = 1e-4
+    c.distill = "none"
+    c.num_epochs = 3.0
+    c.phases = [ml_collections.ConfigDict({
+        "name": "full", "epochs": c.get_ref("num_epochs"),
+        "learning_rate": c.get_ref("learning_rate"), "warmup_epochs": 0.3, "num_subnets": 1,
+        "sampling": "random", "restrict": {"depth": [12], "heads": [12], "ffn": [3072]}})]
+    return c
+
+  c.learning_rate = 2e-5        # DynaBERT fine-tunes at BERT's learning rate
+  c.distill = "teacher"
+  c.kd_loss = "soft_ce"         # DynaBERT's logit loss: soft cross-entropy
+  c.kd_temperature = 1.0
+  c.hidden_mse_weight = 1.0     # ... plus hidden-state and embedding MSE, equally weighted
+  c.embedding_mse_weight = 1.0
+  c.reorder.enabled = True
+  c.reorder.batches = 32
+  c.phases = [
+      ml_collections.ConfigDict({
+          "name": "width", "epochs": 3.0, "learning_rate": c.get_ref("learning_rate"),
+          "warmup_epochs": 0.1, "num_subnets": 4, "sampling": "random",
+          "restrict": {"depth": [12], **widths}}),
+      ml_collections.ConfigDict({
+          "name": "width_depth", "epochs": 3.0, "learning_rate": c.get_ref("learning_rate"),
+          "warmup_epochs": 0.1, "num_subnets": 4, "sampling": "random",
+          "restrict": dict(widths)}),
+  ]
+  return c
