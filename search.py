@@ -1,12 +1,16 @@
-"""Search a trained supernet: python search.py --config configs/search/autoslim.py --workdir <train workdir>"""
+"""Search a trained supernet: python search.py --config configs/search/autoslim.py --workdir <train workdir>
+
+Bad input (a config value, a missing workdir, an impossible target) prints one line
+"error: ..." on stderr and exits with status 2; --traceback shows where it was raised.
+"""
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from ofajax import errors
 from ofajax.search.run import run_search
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/search/evolution.py",
-                                          "search config file")
+_CONFIG = errors.define_config_file("config", "configs/search/evolution.py",
+                                    "search config file")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default",
                                "the training workdir (config.json + checkpoints); results go to "
                                "<workdir>/search/<config.name>/")
@@ -20,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -7,14 +7,16 @@ on several hosts (a TPU pod slice, GPU nodes):
                                                   # JAX reads the job from the environment
   python train.py --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0 ...
                                                   # elsewhere: process 0's host:port, on each host
+
+Bad input (a config value, a workdir, a flag) prints one line "error: ..." on stderr and exits
+with status 2; --traceback shows where it was raised.
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ofajax import distributed
+from ofajax import distributed, errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "training config file")
+_CONFIG = errors.define_config_file("config", "configs/default.py", "training config file")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "where checkpoints and results go "
                                "(with several hosts: a directory all of them see)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "join a multi-process job through "
@@ -42,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

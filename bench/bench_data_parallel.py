@@ -44,7 +44,7 @@ def worker(n: int, batch: int, rounds: int, steps: int, dtype: str) -> dict:
   distributed.check_batch_size(batch, n, "--batch")
   r = config.resolution
   rng = np.random.default_rng(0)
-  host = {"image": rng.normal(size=(batch, r, r, model.in_channels)).astype(np.float32),
+  host = {"inputs": rng.normal(size=(batch, r, r, model.in_channels)).astype(np.float32),
           "label": (np.arange(batch) % model.num_classes).astype(np.int32)}
   b = distributed.shard_batch(host, mesh, batch)
   state, tx = training.init_state(model, config, lambda p: training.make_optimizer(
@@ -53,15 +53,15 @@ def worker(n: int, batch: int, rounds: int, steps: int, dtype: str) -> dict:
   phase_data = distributed.replicate(phase.as_data(), mesh)
   step = training.make_train_step(model, space, config, tx, phase.num_subnets, mesh=mesh)
   t0 = time.perf_counter()
-  compiled = step.lower(state, b["image"], b["label"], phase_data, resolution=r).compile()
+  compiled = step.lower(state, b["inputs"], b["label"], phase_data, resolution=r).compile()
   compile_s = time.perf_counter() - t0
-  state, m = compiled(state, b["image"], b["label"], phase_data)  # warm-up
+  state, m = compiled(state, b["inputs"], b["label"], phase_data)  # warm-up
   jax.block_until_ready(m)
   times = []
   for _ in range(rounds):
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, m = compiled(state, b["image"], b["label"], phase_data)
+      state, m = compiled(state, b["inputs"], b["label"], phase_data)
     jax.block_until_ready(m)
     times.append((time.perf_counter() - t0) / steps)
   step_s = float(np.median(times))

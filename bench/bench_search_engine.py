@@ -23,9 +23,9 @@ import numpy as np
 from configs import default
 from configs.search import common
 from ofajax import data, models
-from ofajax.search import moves
-from ofajax.search.engine import Evaluator, load_search_data
-from ofajax.search.supernet import load_supernet
+from ofajax.evaluation import Evaluator
+from ofajax.search.run import search_evaluator
+from ofajax.workdir import Supernet, load_supernet
 
 
 def main():
@@ -48,16 +48,20 @@ def main():
     train_config = default.get_config()
     data.ensure_local_dataset(train_config.dataset, None)
     model, space = models.get(train_config.model, **dict(train_config.model_options))
-    x = jax.numpy.zeros((1, train_config.resolution, train_config.resolution, model.in_channels))
-    variables = models.init(model, jax.random.key(0), x)
-  search_data = load_search_data(train_config, search_config)
+    variables = models.init(model, jax.random.key(0),
+                            models.sample_input(model, train_config.resolution))
+  # Calibration and validation batches as search reads them, shared by every side.
+  sup = Supernet(train_config, model, space, variables, 0, args.workdir)
+  search_data = search_evaluator(search_config, sup, search_config.valid_split)
   rng = np.random.default_rng(0)
-  archs = [moves.random_arch(space, rng) for _ in range(args.num_archs)]
+  archs = [space.random_host(rng) for _ in range(args.num_archs)]
+  side = lambda chunk, apc: Evaluator(model, variables, search_data.calib_inputs,
+                                      search_data.eval_batches, search_data.num_examples, chunk,
+                                      apc)
 
-  sides = {"one by one": Evaluator(model, variables, search_data, 1, 1)}
+  sides = {"one by one": side(1, 1)}
   for apc in args.archs_per_call:
-    sides[f"batched (chunk {args.chunk}, vmap {apc})"] = Evaluator(
-        model, variables, search_data, args.chunk, apc)
+    sides[f"batched (chunk {args.chunk}, vmap {apc})"] = side(args.chunk, apc)
   compile_s = {}
   for name, ev in sides.items():
     t0 = time.perf_counter()
@@ -85,8 +89,8 @@ def main():
                   for a, b in zip(s, scores["one by one"]))
   rows = []
   print(f"{train_config.model}, {args.num_archs} archs, calibration "
-        f"{search_data.calib_images.shape[0]}x{search_data.calib_images.shape[1]} images, "
-        f"validation {search_data.num_valid} images, {jax.devices()[0].platform}, "
+        f"{search_data.calib_inputs.shape[0]}x{search_data.calib_inputs.shape[1]} images, "
+        f"validation {search_data.num_examples} images, {jax.devices()[0].platform}, "
         f"{os.cpu_count()} cpus; {args.rounds} interleaved rounds")
   print(f"{'engine':<28} {'first call s':>12} {'median s':>9} {'archs/s':>8} {'speed-up':>8}")
   for name in sides:
@@ -100,8 +104,8 @@ def main():
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"model": train_config.model, "num_archs": args.num_archs,
-               "calib_images": int(np.prod(search_data.calib_images.shape[:2])),
-               "valid_images": search_data.num_valid, "platform": platform.platform(),
+               "calib_images": int(np.prod(search_data.calib_inputs.shape[:2])),
+               "valid_images": search_data.num_examples, "platform": platform.platform(),
                "device": str(jax.devices()[0]), "rows": rows, "identical_top1": same,
                "max_loss_difference": loss_diff}, f,
               indent=1)

@@ -18,8 +18,7 @@ def count(model, arch, resolution: int, check: bool = True) -> dict:
 
   ``check=False`` skips the host validation for archs already checked (search loops).
   """
-  leaves = jax.tree.leaves(arch)
-  if any(isinstance(x, jax.core.Tracer) for x in leaves):
+  if _is_traced(arch):
     traced = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), arch)
     macs, params = model.cost(traced, int(resolution))
     return {"macs": jnp.asarray(macs, jnp.float32), "params": jnp.asarray(params, jnp.float32)}
@@ -28,3 +27,14 @@ def count(model, arch, resolution: int, check: bool = True) -> dict:
   host = jax.tree.map(lambda v: np.asarray(v, np.int64), arch)
   macs, params = model.cost(host, int(resolution))
   return {"macs": int(macs), "params": int(params)}
+
+
+def _is_traced(arch) -> bool:
+  """Whether any leaf is a tracer (inside jit / vmap / grad / eval_shape). Tracers refuse to
+  become numpy arrays, a public signal that needs no ``jax.core``; concrete leaves convert."""
+  try:
+    for leaf in jax.tree.leaves(arch):
+      np.asarray(leaf)
+  except jax.errors.TracerArrayConversionError:
+    return True
+  return False

@@ -9,12 +9,11 @@ model with ``jax.export`` so it can be served by plain JAX, without ofajax.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from ofajax import models
+from ofajax.models.base import Supernet
 
 
-def extract_subnet(model, variables: dict, arch, space=None):
+def extract_subnet(model: Supernet, variables: dict, arch, space=None):
   """Returns ``(dense_model, dense_variables)`` for ``arch`` (validated on the host first)."""
   space = model.search_space() if space is None else space
   arch = space.validate(arch)
@@ -22,21 +21,21 @@ def extract_subnet(model, variables: dict, arch, space=None):
 
 
 def save_stablehlo(dense_model, dense_variables: dict, path: str, resolution: int,
-                   in_channels: int = 3) -> jax.export.Exported:
+                   in_channels: int | None = None) -> jax.export.Exported:
   """Serialises ``x -> logits`` (eval mode, weights baked in, any batch size) to ``path``.
 
-  ``x`` is float32 [batch, resolution, resolution, in_channels] images, or for text models
-  int32 [batch, resolution] token ids (``resolution`` is then the sequence length).
+  ``x`` is what ``dense_model.input_spec`` says: float32 [batch, resolution, resolution,
+  channels] images, or for text models int32 [batch, resolution] token ids (``resolution`` is
+  then the sequence length). ``in_channels``, where given, must agree with the model's.
   """
   def forward(x):
     return dense_model.apply(dense_variables, x, train=False)
 
+  spec = dense_model.input_spec
+  if in_channels is not None and spec.kind == "image" and int(in_channels) != spec.channels:
+    raise ValueError(f"in_channels={in_channels}, but the model reads {spec.channels} channels")
   batch = jax.export.symbolic_shape("batch")[0]
-  if models.takes_tokens(dense_model):
-    spec = jax.ShapeDtypeStruct((batch, resolution), jnp.int32)
-  else:
-    spec = jax.ShapeDtypeStruct((batch, resolution, resolution, in_channels), jnp.float32)
-  exported = jax.export.export(jax.jit(forward))(spec)
+  exported = jax.export.export(jax.jit(forward))(spec.struct(resolution, batch))
   with open(path, "wb") as f:
     f.write(exported.serialize())
   return exported

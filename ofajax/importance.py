@@ -13,7 +13,7 @@ loss would change if a unit were removed:
 
 Both are taken per batch and the absolute values summed over batches (float32), with L the mean
 cross-entropy of the full network in eval mode. Re-ordering permutes the parameters with
-:func:`ofajax.transformer.permute_layer`, so the full network computes the same function.
+:func:`ofajax.layers.transformer.permute_layer`, so the full network computes the same function.
 
     variables, importance = reorder_by_importance(model, variables, batches)
 """
@@ -27,17 +27,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ofajax import losses, transformer
+from ofajax import losses
+from ofajax.layers import transformer
+from ofajax.models.encoder import ElasticEncoderMixin
 
 
 def _check_transformer(model, variables) -> int:
   """The number of layers, or a ValueError if this is not an elastic transformer supernet."""
   params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
   layer0 = params.get("layer0")
-  if not isinstance(layer0, Mapping) or "attention" not in layer0 or "ffn" not in layer0:
+  if (not isinstance(model, ElasticEncoderMixin) or not isinstance(layer0, Mapping)
+      or "attention" not in layer0 or "ffn" not in layer0):
     raise ValueError(f"{type(model).__name__} is not an elastic transformer supernet: importance "
                      "needs params 'layer0', 'layer1', ... with 'attention' and 'ffn' sub-dicts")
-  if getattr(model, "layers", ()):
+  if model.layers:
     raise ValueError("importance is measured on the supernet, not on a dense subnet "
                      f"(this {type(model).__name__} was built with layers=...)")
   num_layers = int(model.num_layers)

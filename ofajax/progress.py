@@ -1,39 +1,36 @@
-"""A one-line console progress bar shared by training and search."""
+"""A one-line console progress bar shared by training and search: a thin wrapper of tqdm."""
 
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm import tqdm
 
 
 class ProgressBar:
-  """``[#####     ] done/total <text> <rate> <unit>/s ETA``, rewritten in place.
+  """``done/total [elapsed<ETA, rate unit/s, text]`` with a bar, rewritten in place on stdout.
 
   ``total=None`` drops the bar and the ETA (open-ended work such as a greedy search).
-  ``per_step`` converts steps into the unit of the rate (e.g. the batch size: examples/s).
+  ``start``: the step a resumed run starts from (the rate counts from there).
+  ``per_step`` converts steps into the unit shown (e.g. the batch size: examples and
+  examples/s); ``update`` still takes steps. ``enabled=False`` (every process but 0) prints
+  nothing.
   """
 
   def __init__(self, total: int | None = None, *, start: int = 0, per_step: float = 1,
                unit: str = "steps", enabled: bool = True):
     self.total, self.start, self.per_step, self.unit = total, start, per_step, unit
     self.enabled = enabled
-    self.t0 = time.time()
+    self._bar = tqdm(total=total, initial=start, unit=unit, disable=not enabled,
+                     unit_scale=per_step if per_step != 1 else False, file=sys.stdout,
+                     dynamic_ncols=True, leave=True)
 
   def update(self, done: int, text: str = "") -> None:
+    """``done`` steps in all (not an increment); ``text`` follows the rate (e.g. the loss)."""
     if not self.enabled:
       return
-    elapsed = max(time.time() - self.t0, 1e-9)
-    count = done - self.start
-    rate = count * self.per_step / elapsed
-    if self.total:
-      head = f"[{'#' * int(30 * min(done, self.total) / self.total):<30}] {done}/{self.total}"
-      tail = f"ETA {(self.total - done) * elapsed / max(count, 1):,.0f}s"
-    else:
-      head, tail = str(done), f"{elapsed:,.0f}s"
-    sys.stdout.write(f"\r{head} {text} {rate:,.1f} {self.unit}/s {tail}  ")
-    sys.stdout.flush()
+    self._bar.set_postfix_str(text, refresh=False)
+    self._bar.update(done - self._bar.n)
 
   def close(self) -> None:
-    if self.enabled:
-      sys.stdout.write("\n")
-      sys.stdout.flush()
+    self._bar.close()

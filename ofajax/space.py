@@ -266,10 +266,11 @@ class SearchSpace:
       raise ValueError(f"arch leaves must be exactly {list(self.names)}; missing {missing}, unexpected {extra}")
     out = {}
     for leaf in self.leaves:
-      raw = arch[leaf.name]
-      if isinstance(raw, jax.core.Tracer):
-        raise ValueError(f"validate() runs on the host; leaf {leaf.name!r} is a traced value")
-      value = np.asarray(raw)
+      try:
+        value = np.asarray(arch[leaf.name])
+      except jax.errors.TracerArrayConversionError:  # under jit / vmap / grad: no values yet
+        raise ValueError(f"validate() runs on the host; leaf {leaf.name!r} is a traced value"
+                         ) from None
       if value.dtype == bool or not (np.issubdtype(value.dtype, np.integer) or
                                      np.issubdtype(value.dtype, np.floating)):
         raise ValueError(f"leaf {leaf.name!r} must hold integers, got dtype {value.dtype}")
@@ -330,6 +331,47 @@ class SearchSpace:
         active = self._active(leaf, arch[leaf.parent])
         arch[leaf.name] = np.where(active, arch[leaf.name], self._largest_host[leaf.name])
     return arch
+
+  # ---------------------------------------------------------------- host-side edits (search)
+  def to_host(self, arch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A numpy (int64) copy of ``arch``: searches edit archs in place and cost them on the host,
+    where a device array per leaf would cost a transfer each time."""
+    return {k: np.array(v, np.int64) for k, v in arch.items()}
+
+  def repair(self, arch: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """``arch`` after an edit (mutation, crossover, a shrink move), made valid again if it can
+    be: a coupled child whose parent changed takes the largest value its parent now permits
+    that is not above its own (else the smallest permitted), then gated-off positions are
+    canonicalised so that equal subnets compare equal (names are the searches' cache keys).
+    Returns None if the result is still invalid (e.g. a value the space's restriction forbids).
+    """
+    arch = self.to_host(arch)
+    try:
+      for leaf in self.leaves:
+        if leaf.parent is None:
+          continue
+        parent = arch[leaf.parent]
+        for pos in np.ndindex(*leaf.shape):
+          # choices() raises ValueError for a parent value the space never takes.
+          allowed = self.choices(leaf.name, pos, int(parent[pos[:-1]]))
+          if allowed and int(arch[leaf.name][pos]) not in allowed:
+            below = [v for v in allowed if v <= arch[leaf.name][pos]]
+            arch[leaf.name][pos] = below[-1] if below else allowed[0]
+      return self.canonical_host(self.check_host(arch))
+    except ValueError:
+      return None
+
+  def random_host(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A uniformly random value per position, like :meth:`sample` but on the host from a numpy
+    generator (searches draw thousands of archs in Python loops; no compile, no transfer)."""
+    arch = {}
+    for leaf in self.leaves:
+      value = np.zeros(leaf.shape, np.int64)
+      for pos in np.ndindex(*leaf.shape):
+        parent = None if leaf.parent is None else int(arch[leaf.parent][pos[:-1]])
+        value[pos] = rng.choice(self.choices(leaf.name, pos, parent))
+      arch[leaf.name] = value
+    return self.repair(arch)
 
   # ---------------------------------------------------------------- counting
   def _position_choices(self, leaf: Leaf, pos: tuple[int, ...], parent_value: int | None) -> int:

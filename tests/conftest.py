@@ -1,4 +1,5 @@
 import tempfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -10,19 +11,24 @@ jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ofajax-x
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _seed(path) -> int:
+  """A per-leaf seed that is the same in every process: hash(str) is salted (PYTHONHASHSEED)."""
+  return zlib.crc32(jax.tree_util.keystr(path).encode()) % (2**31)
+
+
 def _perturb(variables, key):
   """Random BN statistics and non-identity kernel transforms, so export checks are not trivial."""
   stats_key, param_key = jax.random.split(key)
 
   def stats(path, x):
-    k = jax.random.fold_in(stats_key, hash(jax.tree_util.keystr(path)) % (2**31))
+    k = jax.random.fold_in(stats_key, _seed(path))
     if path[-1].key == "mean":
       return 0.3 * jax.random.normal(k, x.shape)
     return jax.random.uniform(k, x.shape, minval=0.5, maxval=2.0)
 
   def params(path, x):
     name = jax.tree_util.keystr(path)
-    k = jax.random.fold_in(param_key, hash(name) % (2**31))
+    k = jax.random.fold_in(param_key, _seed(path))
     if "transform_" in name or path[-1].key in ("scale", "bias"):
       return x + 0.1 * jax.random.normal(k, x.shape)
     return x

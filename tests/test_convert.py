@@ -16,10 +16,9 @@ import ofa_reference as ref
 import ofajax
 from configs import ofa_pretrained
 from ofajax import cost, train
-from ofajax.checkpoint import Checkpoints, abstract_like
+from ofajax.workdir import Checkpoints, abstract_like, init_state, load_supernet
 from ofajax.convert import net_config, ofa_torch
 from ofajax.convert.workdir import write_workdir
-from ofajax.search.supernet import load_supernet
 from conftest import rel_err
 from test_ofa_resnet50 import random_variables, sample_archs
 
@@ -296,15 +295,15 @@ def test_cli_writes_a_workdir_train_py_restores(tmp_path, monkeypatch, official)
   monkeypatch.setattr(ofajax.models, "init", lambda m, key, x: jax.tree.map(
       lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(m.init, key, x, space.largest())))
   phases = [train.Phase(p, i, space, 625) for i, p in enumerate(config.phases)]
-  state, _ = train.init_state(model, config, lambda p: train.make_optimizer(
+  state, _ = init_state(model, config.seed, lambda p: train.make_optimizer(
       config, train.make_schedule(phases), p), jnp.zeros((1, 224, 224, 3)))
   ckpt = Checkpoints(workdir)
   restored, meta = ckpt.restore(abstract_like(state))
   ckpt.close()
-  assert int(restored["step"]) == sum(p.steps for p in phases) == meta["step"]
-  jax.tree.map(np.testing.assert_array_equal, restored["params"], expected["params"])
-  jax.tree.map(np.testing.assert_array_equal, restored["batch_stats"], expected["batch_stats"])
+  assert int(restored.step) == sum(p.steps for p in phases) == meta["step"]
+  jax.tree.map(np.testing.assert_array_equal, restored.params, expected["params"])
+  jax.tree.map(np.testing.assert_array_equal, restored.batch_stats, expected["batch_stats"])
   # search.py reads the imported workdir like a trained one
   supernet = load_supernet(workdir)
-  assert supernet.step == int(restored["step"]) and supernet.model_name == "ofa_mbv3"
+  assert supernet.step == int(restored.step) and supernet.model_name == "ofa_mbv3"
   jax.tree.map(np.testing.assert_array_equal, supernet.variables["params"], expected["params"])

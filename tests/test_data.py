@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ofajax import data
+from ofajax.data import builders
 
 SIZES = {"mnist_5k": (4000, 1000, (28, 28, 1)), "digits": (1437, 360, (8, 8, 1))}
 
@@ -45,7 +46,7 @@ def index_source(n):
 
 
 def indices_of(batch):
-  x = np.round(batch["image"][:, 0, :2, 0] * 255).astype(int)
+  x = np.round(batch["inputs"][:, 0, :2, 0] * 255).astype(int)
   return x[:, 0] * 256 + x[:, 1]
 
 
@@ -72,10 +73,17 @@ def test_local_dataset_splits(name, splits):
   np.testing.assert_array_equal(np.sort(train["index"]), np.sort(perm[:n_train]))
   np.testing.assert_array_equal(np.sort(test["index"]), np.sort(perm[n_train:]))
   # Pixels and labels survive the PNG round trip exactly.
-  images, labels = data._mnist_5k_arrays() if name == "mnist_5k" else data._digits_arrays()
+  images, labels = builders.mnist_5k_arrays() if name == "mnist_5k" else builders.digits_arrays()
   np.testing.assert_array_equal(test["image"], images[test["index"]])
   np.testing.assert_array_equal(test["label"], labels[test["index"]])
   assert images.max() == 255
+
+
+def test_registry_marks_the_local_builders():
+  assert {k for k, s in data.DATASETS.items() if getattr(s, "local", False)} == set(
+      data.LOCAL_DATASETS)
+  assert set(data.BATCH_FIELDS) == {data.INPUTS, data.LABEL, data.MASK} == {"inputs", "label",
+                                                                            "mask"}
 
 
 def test_local_build_is_deterministic_and_built_once(tmp_path, data_dir, splits):
@@ -151,7 +159,7 @@ def test_resume_reproduces_batches(data_dir):
             process_count=1)
   it = data.make_train_iterator(src, **kw)
   run = [next(it) for _ in range(13)]  # crosses the epoch boundary at step 11
-  assert run[0]["image"].shape == (128, 12, 12, 1) and run[0]["image"].dtype == np.float32
+  assert run[0]["inputs"].shape == (128, 12, 12, 1) and run[0]["inputs"].dtype == np.float32
   assert run[0]["label"].dtype == np.int32
   resumed = data.make_train_iterator(src, start_step=9, **kw)
   for step in range(9, 13):
@@ -162,7 +170,7 @@ def test_resume_reproduces_batches(data_dir):
   plain = data.make_train_iterator(src, **{**kw, "augment": "none"})
   b = next(plain)
   np.testing.assert_array_equal(b["label"], run[0]["label"])
-  assert not np.allclose(b["image"], run[0]["image"])
+  assert not np.allclose(b["inputs"], run[0]["inputs"])
 
 
 @pytest.mark.parametrize("count", [2, 4])
@@ -204,11 +212,11 @@ def test_eval_covers_every_example_once():
     batches = list(it)
     assert len(it) == len(batches) == 6  # ceil(103 / 20), the same on every process
     for i, b in enumerate(batches):
-      assert b["mask"].dtype == bool and b["image"].shape == (10, 4, 4, 1)
+      assert b["mask"].dtype == bool and b["inputs"].shape == (10, 4, 4, 1)
       idx = indices_of(b)
       np.testing.assert_array_equal(b["mask"], i * batch + p * 10 + np.arange(10) < n)
       np.testing.assert_array_equal(idx[b["mask"]], i * batch + p * 10 + np.arange(10)[b["mask"]])
-      assert not b["image"][~b["mask"]].any()
+      assert not b["inputs"][~b["mask"]].any()
       seen.extend(idx[b["mask"]])
   assert sorted(seen) == list(range(n))
 
@@ -217,7 +225,7 @@ def test_eval_on_real_data_normalised(data_dir, splits):
   it = data.make_eval_iterator(data.load("mnist_5k", "test", data_dir), batch_size=512,
                                process_index=0, process_count=1)
   batches = list(it)
-  x = np.concatenate([b["image"][b["mask"]] for b in batches])
+  x = np.concatenate([b["inputs"][b["mask"]] for b in batches])
   np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"]] for b in batches]),
                                 splits[("mnist_5k", "test")]["label"])
   spec = data.DATASETS["mnist_5k"]
@@ -241,20 +249,20 @@ def test_mocked_real_dataset_pipeline(name, augment, resolution):
     kw = dict(batch_size=16, seed=0, resolution=resolution, process_index=0, process_count=1)
     it = data.make_train_iterator(src, augment=augment, **kw)
     b = next(it)
-    assert b["image"].shape == (16, resolution, resolution, 3) and b["image"].dtype == np.float32
+    assert b["inputs"].shape == (16, resolution, resolution, 3) and b["inputs"].dtype == np.float32
     assert b["label"].dtype == np.int32 and 0 <= b["label"].min()
     assert b["label"].max() < spec.num_classes
-    assert np.isfinite(b["image"]).all()
+    assert np.isfinite(b["inputs"]).all()
     threaded = data.make_train_iterator(src, augment=augment, in_memory=False, num_threads=2,
                                         **kw)
     assert_batches_equal(next(threaded), b)
     plain = next(data.make_train_iterator(src, augment="none", **kw))
     np.testing.assert_array_equal(plain["label"], b["label"])  # same order, other pixels
-    assert not np.allclose(plain["image"], b["image"])
+    assert not np.allclose(plain["inputs"], b["inputs"])
     ev = list(data.make_eval_iterator(data.load(name, spec.eval_split), batch_size=10,
                                       resolution=resolution, process_index=0, process_count=1))
     assert [int(e["mask"].sum()) for e in ev] == [10, 10, 4]
-    assert ev[0]["image"].shape == (10, resolution, resolution, 3)
+    assert ev[0]["inputs"].shape == (10, resolution, resolution, 3)
 
 
 # ---------------------------------------------------------------------------------------------

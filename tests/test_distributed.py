@@ -23,7 +23,7 @@ import pytest
 
 from ofajax import data, distributed, models, precision
 from ofajax import train as training
-from ofajax.checkpoint import Checkpoints
+from ofajax.workdir import Checkpoints, abstract_state
 from tests import tiny_dist_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +68,8 @@ def _restore(workdir, step=None):
   phase = training.Phase(config.phases[0], 0, space, 44)
   tx_factory = lambda p: training.make_optimizer(config, training.make_schedule([phase]), p)
   sample = jnp.zeros((1, 8, 8, 1))
-  target, _ = training.abstract_state(model, config, tx_factory, sample,
-                                      jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  target, _ = abstract_state(model, tx_factory, sample,
+                             jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   state, _ = Checkpoints(workdir).restore(target, step)
   return state
 
@@ -103,7 +103,7 @@ def test_8_devices_match_one_device_after_10_steps(tmp_path, data_dir, cache_dir
   # the losses moved, so the comparison is not between two untrained nets
   assert a[-1]["loss_largest"] < a[0]["loss_largest"] - 0.05
   sa, sb = _restore(one), _restore(eight)
-  assert int(sa["step"]) == int(sb["step"]) == 10
+  assert int(sa.step) == int(sb.step) == 10
   flat_a = dict(jax.tree_util.tree_leaves_with_path(sa))
   flat_b = dict(jax.tree_util.tree_leaves_with_path(sb))
   assert flat_a.keys() == flat_b.keys()
@@ -153,8 +153,8 @@ def test_two_processes_over_gloo_train_and_save_one_checkpoint_on_sigterm(tmp_pa
   assert [m["step"] for m in _metrics(workdir)] == list(range(1, saved + 1))
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(saved)]
   state = _restore(workdir)
-  assert int(state["step"]) == saved
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+  assert int(state.step) == saved
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
 # --------------------------------------------------------------------------- preemption
@@ -215,7 +215,7 @@ def test_sigterm_saves_and_sigkill_resumes_bitwise(tmp_path, data_dir, cache_dir
   assert saved < resumed < 150
 
   a, b = _restore(reference), _restore(workdir)
-  assert int(a["step"]) == int(b["step"]) == 150
+  assert int(a.step) == int(b.step) == 150
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -232,8 +232,8 @@ def test_bfloat16_compute_trains_with_float32_state(tmp_path, data_dir):
   assert len(losses) == 30 and np.all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
   state = _restore(workdir)  # the target is float32: a bf16 leaf would not restore as-is
-  assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
-  assert {x.dtype for x in jax.tree.leaves(state["opt_state"])} <= {np.dtype("float32"),
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(state.opt_state)} <= {np.dtype("float32"),
                                                                     np.dtype("int32")}
 
 

@@ -1,4 +1,5 @@
-"""SearchSpace: cardinality, sampling inside jit, restriction / coupling as data, validation."""
+"""SearchSpace: cardinality, sampling inside jit, restriction / coupling as data, validation,
+host-side edits (random archs, repair after an edit)."""
 
 import chex
 import jax
@@ -121,6 +122,33 @@ def test_validate_ignores_gated_off_positions_but_checks_coupling(ofa_space, com
   carch["expand"][0, 0] = 3  # depth 4 couples expand to 6
   with pytest.raises(ValueError, match=r"value 3 is not allowed when depth\[0\] = 4"):
     compofa_space.validate(carch)
+
+
+def test_validate_rejects_traced_archs(ofa_space):
+  with pytest.raises(ValueError, match="'depth' is a traced value"):
+    jax.jit(lambda arch: ofa_space.validate(arch)["depth"])(ofa_space.largest())
+
+
+def test_host_edits_draw_and_repair_valid_archs(ofa_space, compofa_space):
+  rng = np.random.default_rng(0)
+  names = set()
+  for _ in range(30):
+    arch = compofa_space.random_host(rng)
+    compofa_space.validate(arch)
+    names.add(compofa_space.name(arch))
+  assert len(names) > 10
+  arch = compofa_space.to_host(compofa_space.largest())
+  assert all(isinstance(v, np.ndarray) and v.dtype == np.int64 for v in arch.values())
+  arch["depth"][0] = 2            # CompOFA couples expand 3 to depth 2: expand must follow
+  repaired = compofa_space.repair(arch)
+  np.testing.assert_array_equal(repaired["expand"][0], [3, 3, 6, 6])  # gated-off: canonical
+  assert arch["expand"][0, 0] == 6  # the input is left as it was
+  compofa_space.validate(repaired)
+  bad = ofa_space.to_host(ofa_space.largest())
+  bad["kernel"][0, 0] = 4         # a child takes the largest allowed value below its own
+  assert ofa_space.repair(bad)["kernel"][0, 0] == 3
+  bad["depth"][0] = 5             # a root leaf has no parent to repair it from: invalid
+  assert ofa_space.repair(bad) is None
 
 
 def test_json_round_trip_name_and_canonical(ofa_space):

@@ -1,4 +1,4 @@
-"""Text pipeline (ofajax.text_data via ofajax.data): tokenizer, vocabulary cache, iterators, and
+"""Text pipeline (ofajax.data.text via ofajax.data): tokenizer, vocabulary cache, iterators, and
 glue/sst2 end to end (training + search) under tfds.testing.mock_data.
 
 Mocking: `tfds.testing.mock_data` patches `tfds.data_source` without TensorFlow (policy AUTO
@@ -19,10 +19,10 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from configs.search import autoslim
-from ofajax import data, text_data
+from ofajax import data
 from ofajax import train as training
 from ofajax.search.run import run_search
-from ofajax.text_data import CLS, PAD, SEP, UNK, Vocabulary
+from ofajax.data import CLS, PAD, SEP, UNK, Vocabulary, text
 
 N = 40  # mocked examples per split
 ONE = dict(process_index=0, process_count=1)
@@ -46,9 +46,9 @@ def assert_batches_equal(a, b):
 
 
 def test_tokenize_and_encode():
-  assert text_data.tokenize("Hello, World! It's 2x") == ["hello", ",", "world", "!", "it", "'",
-                                                         "s", "2x"]
-  assert text_data.tokenize(b"Caf\xc3\xa9  ok") == ["café", "ok"]
+  assert data.tokenize("Hello, World! It's 2x") == ["hello", ",", "world", "!", "it", "'", "s",
+                                                    "2x"]
+  assert data.tokenize(b"Caf\xc3\xa9  ok") == ["café", "ok"]
   # Frequency order (a: 3, c: 2), ties alphabetically (b, d: 1), cut at vocab_size.
   vocab = Vocabulary.build(["b a c", "a c", "d a"], vocab_size=7)
   assert vocab.tokens == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "c", "b"]
@@ -79,10 +79,10 @@ def test_spec_lookups():
 
 
 def test_vocabulary_built_once_cached_and_rebuilt_when_corrupt(mocked):
-  path = text_data.vocab_path("glue/sst2", mocked, 64)
+  path = data.vocab_path("glue/sst2", mocked, 64)
   assert path == os.path.join(mocked, "ofajax_vocab", "glue_sst2-train-64.json")
-  vocab = text_data.vocabulary("glue/sst2", mocked, 64)
-  assert len(vocab) == 64 and vocab.tokens[:4] == list(text_data.SPECIALS)
+  vocab = data.vocabulary("glue/sst2", mocked, 64)
+  assert len(vocab) == 64 and vocab.tokens[:4] == list(data.SPECIALS)
   saved = json.load(open(path))
   assert saved["tokens"] == vocab.tokens and saved["num_examples"] == N
   # From the training split, whichever split is read, and by frequency: recount it.
@@ -90,23 +90,23 @@ def test_vocabulary_built_once_cached_and_rebuilt_when_corrupt(mocked):
   assert src.vocabulary(64) == vocab
   counts = {}
   for i in range(N):
-    for w in text_data.tokenize(data.load("glue/sst2", "train", mocked)[i]["sentence"]):
+    for w in data.tokenize(data.load("glue/sst2", "train", mocked)[i]["sentence"]):
       counts[w] = counts.get(w, 0) + 1
   assert vocab.tokens[4:] == sorted(counts, key=lambda w: (-counts[w], w))[:60]
   # Read back from the cache (not rebuilt: a planted cache is returned as is).
-  planted = list(text_data.SPECIALS) + ["zz"]
+  planted = list(data.SPECIALS) + ["zz"]
   json.dump(dict(saved, tokens=planted), open(path, "w"))
-  assert text_data.vocabulary("glue/sst2", mocked, 64).tokens == planted
+  assert data.vocabulary("glue/sst2", mocked, 64).tokens == planted
   # A corrupt cache is rebuilt, with a warning naming it.
   for bad in ("{not json", json.dumps(dict(saved, tokens=["a", "b"])),
               json.dumps(dict(saved, vocab_size=10))):
     open(path, "w").write(bad)
     with pytest.warns(UserWarning, match="ofajax_vocab"):
-      assert text_data.vocabulary("glue/sst2", mocked, 64) == vocab
+      assert data.vocabulary("glue/sst2", mocked, 64) == vocab
     assert json.load(open(path))["tokens"] == vocab.tokens
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert text_data.vocabulary("glue/sst2", mocked, 64) == vocab
+    assert data.vocabulary("glue/sst2", mocked, 64) == vocab
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,16 +115,16 @@ def test_vocabulary_built_once_cached_and_rebuilt_when_corrupt(mocked):
 
 def test_train_iterator_contract(mocked):
   src = data.load("glue/sst2", "train", mocked)
-  assert isinstance(src, text_data.TextSource) and len(src) == N
+  assert isinstance(src, data.TextSource) and len(src) == N
   kw = dict(batch_size=8, seed=3, resolution=16, vocab_size=64)
   it = data.make_train_iterator(src, **kw, **ONE)
   assert it.steps_per_epoch == N // 8 and it.vocab_size == 64 and it.resolution == 16
   batches = [next(it) for _ in range(7)]  # crosses an epoch
   for b in batches:
-    assert set(b) == {"image", "label"}
-    assert b["image"].shape == (8, 16) and b["image"].dtype == np.int32
+    assert set(b) == {"inputs", "label"}
+    assert b["inputs"].shape == (8, 16) and b["inputs"].dtype == np.int32
     assert b["label"].shape == (8,) and b["label"].dtype == np.int32
-    tokens = b["image"]
+    tokens = b["inputs"]
     assert (tokens[:, 0] == CLS).all() and tokens.min() >= 0 and tokens.max() < 64
     for row in tokens:  # [CLS] ... [SEP] then only padding
       sep = int(np.flatnonzero(row == SEP)[0])
@@ -137,7 +137,7 @@ def test_train_iterator_contract(mocked):
     epoch, b = divmod(step, N // 8)
     rows = np.random.default_rng([3, epoch]).permutation(N)[b * 8:(b + 1) * 8]
     np.testing.assert_array_equal(
-        batches[step]["image"], np.stack([vocab.encode(src[i]["sentence"], 16) for i in rows]))
+        batches[step]["inputs"], np.stack([vocab.encode(src[i]["sentence"], 16) for i in rows]))
     np.testing.assert_array_equal(batches[step]["label"], [int(src[i]["label"]) for i in rows])
   # Deterministic; start_step resumes exactly; process slices partition the global batch; the
   # grain (threaded, example by example) path equals the in-memory one.
@@ -157,7 +157,7 @@ def test_train_iterator_contract(mocked):
     assert_batches_equal(next(threaded), b)
   # Default length: the spec's max_length.
   assert next(data.make_train_iterator(src, batch_size=8, seed=0, vocab_size=64, **ONE))[
-      "image"].shape == (8, data.DATASETS["glue/sst2"].max_length)
+      "inputs"].shape == (8, data.DATASETS["glue/sst2"].max_length)
 
 
 def test_eval_iterator_pads_with_mask(mocked):
@@ -165,13 +165,13 @@ def test_eval_iterator_pads_with_mask(mocked):
   kw = dict(batch_size=16, resolution=12, vocab_size=64)
   ev = list(data.make_eval_iterator(src, **kw, **ONE))
   assert [int(e["mask"].sum()) for e in ev] == [16, 16, 8]
-  assert all(e["image"].shape == (16, 12) and e["image"].dtype == np.int32 for e in ev)
+  assert all(e["inputs"].shape == (16, 12) and e["inputs"].dtype == np.int32 for e in ev)
   assert ev[-1]["mask"].dtype == np.bool_
-  pad = ev[-1]["image"][~ev[-1]["mask"]]
+  pad = ev[-1]["inputs"][~ev[-1]["mask"]]
   np.testing.assert_array_equal(pad, np.tile([CLS, SEP] + [PAD] * 10, (8, 1)))
   assert (ev[-1]["label"][~ev[-1]["mask"]] == 0).all()
-  vocab = text_data.vocabulary("glue/sst2", mocked, 64)
-  np.testing.assert_array_equal(np.concatenate([e["image"] for e in ev])[:N],
+  vocab = data.vocabulary("glue/sst2", mocked, 64)
+  np.testing.assert_array_equal(np.concatenate([e["inputs"] for e in ev])[:N],
                                 np.stack([vocab.encode(src[i]["sentence"], 12) for i in range(N)]))
   # Two processes: each takes its contiguous half of every global batch.
   halves = [list(data.make_eval_iterator(src, **kw, process_index=p, process_count=2))
@@ -184,7 +184,7 @@ def test_other_text_set_and_errors(mocked):
   src = data.load("imdb_reviews", "test", mocked)  # text_key "text"
   b = next(data.make_train_iterator(src, batch_size=4, seed=0, resolution=32, vocab_size=50,
                                     **ONE))
-  assert b["image"].shape == (4, 32) and b["image"].max() < 50
+  assert b["inputs"].shape == (4, 32) and b["inputs"].max() < 50
   sst2 = data.load("glue/sst2", "train", mocked)
   with pytest.raises(ValueError, match="augment='none'"):
     data.make_train_iterator(sst2, batch_size=8, seed=0, augment="cifar", vocab_size=64, **ONE)
@@ -193,14 +193,14 @@ def test_other_text_set_and_errors(mocked):
   with pytest.raises(ValueError, match="vocab_size is for text"):
     data.make_eval_iterator([], batch_size=8, dataset="digits", vocab_size=64, **ONE)
   it = data.make_train_iterator(sst2, batch_size=8, seed=0, vocab_size=64, **ONE)
-  text_data.check_vocab(it, 64)
+  data.check_vocab(it, 64)
   with pytest.raises(ValueError, match="model's vocabulary has 32 entries"):
-    text_data.check_vocab(it, 32)
+    data.check_vocab(it, 32)
   # Unlabelled splits (glue's test split: label -1) are refused, naming the way out.
   unlabelled = [{"sentence": "a b", "label": -1}] * 4
   for in_memory in (True, False):
     with pytest.raises(ValueError, match="'validation'"):
-      next(text_data.make_eval_iterator(
+      next(text.make_eval_iterator(
           unlabelled, batch_size=4, dataset=data.DATASETS["glue/sst2"],
           vocab=Vocabulary.build(["a b"], 8), in_memory=in_memory, num_threads=0, **ONE))
 
@@ -216,7 +216,7 @@ def test_missing_text_dataset_names_the_build_command(tmp_path):
     data.load("imdb_reviews", "train", tmp_path)
   # The vocabulary is built from the training split, so it needs the data set too.
   with pytest.raises(data.DatasetNotPreparedError, match="tfds build glue/sst2"):
-    text_data.vocabulary("glue/sst2", tmp_path, 64)
+    data.vocabulary("glue/sst2", tmp_path, 64)
 
 
 # ---------------------------------------------------------------------------------------------

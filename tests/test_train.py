@@ -14,7 +14,7 @@ import pytest
 from configs import default
 from ofajax import data, losses, models
 from ofajax import train as training
-from ofajax.checkpoint import Checkpoints, abstract_like
+from ofajax.workdir import Checkpoints, abstract_like, init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def data_dir(tmp_path_factory):
 def _restore_params(workdir, config):
   model, space = models.get(config.model, **dict(config.model_options))
   sample = jnp.zeros((1, config.resolution, config.resolution, 1))
-  state, _ = training.init_state(model, config, lambda p: training.make_optimizer(
+  state, _ = init_state(model, config.seed, lambda p: training.make_optimizer(
       config, training.make_schedule([training.Phase(config.phases[0], 0, space, 44)]), p), sample)
   restored, _ = Checkpoints(workdir).restore(abstract_like(state))
   return restored
@@ -79,7 +79,7 @@ def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir):
   assert Checkpoints(parted).latest_step() == 6
   training.train_and_evaluate(config, parted)
   a, b = _restore_params(full, config), _restore_params(parted, config)
-  assert int(a["step"]) == int(b["step"]) == 12
+  assert int(a.step) == int(b.step) == 12
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 
@@ -108,7 +108,7 @@ def test_one_compile_across_three_phases_and_20_steps():
   x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
   y = jnp.arange(8) % 10
   schedule = training.make_schedule(phases)
-  state, tx = training.init_state(model, config, lambda p: training.make_optimizer(
+  state, tx = init_state(model, config.seed, lambda p: training.make_optimizer(
       config, schedule, p), x[:1])
   step = training.make_train_step(model, space, config, tx, max_subnets=4)
   losses_seen = []
@@ -117,7 +117,7 @@ def test_one_compile_across_three_phases_and_20_steps():
     state, metrics = step(state, x, y, phase.as_data(), resolution=8)
     losses_seen.append(float(metrics["loss"]))
   assert step._cache_size() == 1
-  assert all(np.isfinite(losses_seen)) and int(state["step"]) == 20
+  assert all(np.isfinite(losses_seen)) and int(state.step) == 20
   # resolution is the only static input: another size is one more compile (images resized)
   state, metrics = step(state, x, y, phases[2].as_data(), resolution=6)
   assert step._cache_size() == 2 and np.isfinite(float(metrics["loss"]))

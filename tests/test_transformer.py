@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs.search import autoslim
-from ofajax import cost, losses, models, transformer
+from ofajax import cost, losses, models
+from ofajax.layers import transformer
 from ofajax import train as training
 from ofajax.search.run import run_search
 from conftest import rel_err

@@ -7,7 +7,6 @@ import difflib
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from ofajax.models import elastic_bert as _elastic_bert
 from ofajax.models import elastic_vit as _elastic_vit
@@ -18,6 +17,7 @@ from ofajax.models.ofa_mbv3 import OFAMobileNetV3
 from ofajax.models import ofa_mbv3 as _ofa_mbv3
 from ofajax.models import ofa_resnet50 as _ofa_resnet50
 from ofajax.models.ofa_resnet50 import OFAResNet50
+from ofajax.models.base import InputSpec, Supernet
 from ofajax.models.resnet import ResNet
 from ofajax.models import slim_mobilenet_v2 as _slim
 from ofajax.models.slim_mobilenet_v2 import SlimMobileNetV2
@@ -45,7 +45,7 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def get(name: str, **overrides) -> tuple:
+def get(name: str, **overrides) -> tuple[Supernet, SearchSpace]:
   """Builds a supernet and its search space: ``get("ofa_mbv3", width_mult=1.2)``."""
   if name not in _REGISTRY:
     close = difflib.get_close_matches(name, _REGISTRY, n=3)
@@ -69,21 +69,17 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 def takes_tokens(model) -> bool:
   """Whether ``model`` reads int token ids [B, T] (text) rather than NHWC images."""
-  return getattr(model, "input_kind", "image") == "tokens"
+  return model.input_spec.kind == "tokens"
 
 
 def input_spec(model, resolution: int, batch=1) -> jax.ShapeDtypeStruct:
   """Shape and dtype of ``batch`` inputs at ``resolution`` (image side, or sequence length)."""
-  if takes_tokens(model):
-    return jax.ShapeDtypeStruct((batch, resolution), jnp.int32)
-  channels = int(getattr(model, "in_channels", 3))
-  return jax.ShapeDtypeStruct((batch, resolution, resolution, channels), jnp.float32)
+  return model.input_spec.struct(resolution, batch)
 
 
 def sample_input(model, resolution: int, batch: int = 1) -> jax.Array:
   """A dummy input for ``init`` / ``eval_shape`` (ones: a real token, not padding)."""
-  spec = input_spec(model, resolution, batch)
-  return jnp.ones(spec.shape, spec.dtype)
+  return model.input_spec.sample(resolution, batch)
 
 
 def init(model, key: jax.Array, x: jax.Array, arch=None) -> dict:
@@ -97,5 +93,5 @@ def init(model, key: jax.Array, x: jax.Array, arch=None) -> dict:
 
 
 __all__ = ["get", "init", "input_spec", "sample_input", "takes_tokens", "FAST_COMPILE", "names",
-           "ElasticBERT", "ElasticViT", "MobileNet", "OFAMobileNetV3", "OFAResNet50",
+           "InputSpec", "Supernet", "ElasticBERT", "ElasticViT", "MobileNet", "OFAMobileNetV3", "OFAResNet50",
            "ResNet", "SlimMobileNetV2", "SearchSpace"]

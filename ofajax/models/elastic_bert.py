@@ -17,7 +17,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ofajax import transformer
+from ofajax.layers import transformer
+from ofajax.models.base import InputSpec
 from ofajax.models.encoder import ElasticEncoderMixin
 
 
@@ -42,8 +43,11 @@ class ElasticBERT(ElasticEncoderMixin, nn.Module):
   resolutions: Sequence[int] = (128,)
   layers: Sequence[transformer.LayerSpec] = ()   # non-empty: this is a dense subnet
 
-  input_kind = "tokens"  # int32 [B, T] token ids rather than images
   kernel_init = staticmethod(transformer.INIT)  # a plain attribute: not a module field
+
+  @property
+  def input_spec(self) -> InputSpec:
+    return InputSpec("tokens", vocab_size=self.vocab_size)   # int32 [B, T] token ids
 
   def num_tokens(self, resolution: int) -> int:
     if not 1 <= resolution <= self.max_length:

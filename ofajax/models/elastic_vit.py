@@ -17,7 +17,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ofajax import transformer
+from ofajax.layers import transformer
+from ofajax.models.base import InputSpec
 from ofajax.models.encoder import ElasticEncoderMixin
 
 
@@ -44,6 +45,10 @@ class ElasticViT(ElasticEncoderMixin, nn.Module):
   layers: Sequence[transformer.LayerSpec] = ()   # non-empty: this is a dense subnet
 
   kernel_init = staticmethod(transformer.VIT_INIT)  # a plain attribute: not a module field
+
+  @property
+  def input_spec(self) -> InputSpec:
+    return InputSpec("image", channels=self.in_channels)
 
   def num_tokens(self, resolution: int) -> int:
     if resolution % self.patch_size:

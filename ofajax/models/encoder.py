@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ofajax import transformer
+from ofajax.layers import transformer
+from ofajax.layers.stats import with_stats
 from ofajax.space import Leaf, SearchSpace
 
 
@@ -77,13 +78,12 @@ class ElasticEncoderMixin:
     """The layer stack for the supernet (``arch`` given) or the dense subnet (``self.layers``)."""
     hidden = [] if return_hidden else None
     if arch is None:
-      x = transformer.run_layers(self, x, key_mask, train, self._layer_kwargs(),
-                                 num_layers=0, num_heads=0, ffn_dim=0, specs=self.layers,
-                                 hidden=hidden)
+      x = transformer.run_layers(x, key_mask, train, self._layer_kwargs(), num_layers=0,
+                                 num_heads=0, ffn_dim=0, specs=self.layers, hidden=hidden)
       keep = None
     else:
       keep = self.keep(arch)
-      x = transformer.run_layers(self, x, key_mask, train, self._layer_kwargs(),
+      x = transformer.run_layers(x, key_mask, train, self._layer_kwargs(),
                                  num_layers=self.num_layers, num_heads=self.num_heads,
                                  ffn_dim=self.ffn_dim, arch=arch, keep=keep,
                                  head_scale=head_scale, hidden=hidden)
@@ -110,7 +110,7 @@ class ElasticEncoderMixin:
     for spec in self.dense_layers(arch):
       params[spec.name] = transformer.slice_layer(variables["params"][spec.name], spec.heads,
                                                   spec.ffn)
-    return {"params": params, "batch_stats": {}}
+    return with_stats(variables, params)   # no BatchNorm: empty statistics
 
   # ------------------------------------------------------------------ cost
   def cost(self, arch, resolution: int):

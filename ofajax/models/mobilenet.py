@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from ofajax import layers
 from ofajax.layers import BlockSpec
+from ofajax.models.base import InputSpec, check_channels
 
 
 class MobileNet(nn.Module):
@@ -29,9 +30,15 @@ class MobileNet(nn.Module):
   feature_mix_width: int = 0   # 0: no feature-mix layer (MobileNetV2)
   dropout_rate: float = 0.0
   depthwise_impl: str = "shift"
+  in_channels: int = 3
+
+  @property
+  def input_spec(self) -> InputSpec:
+    return InputSpec("image", channels=self.in_channels)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    check_channels(x, self.in_channels)
     x = layers.ConvBN(self.stem_width, 3, self.stem_stride, self.stem_act, name="stem")(x, train)
     for spec in self.blocks:
       x = layers.MBConv(spec, self.depthwise_impl, name=spec.name)(x, train)

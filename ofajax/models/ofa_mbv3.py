@@ -21,6 +21,9 @@ import numpy as np
 
 from ofajax import layers
 from ofajax.layers import BlockSpec, ElasticMBConv, make_divisible
+from ofajax.layers.gating import gated
+from ofajax.layers.stats import with_stats
+from ofajax.models.base import InputSpec, check_channels
 from ofajax.models.mobilenet import MobileNet, mobilenet_cost
 from ofajax.space import Leaf, SearchSpace
 
@@ -46,6 +49,10 @@ class OFAMobileNetV3(nn.Module):
   kernel_transform: bool = True
   depthwise_impl: str = "shift"
   resolutions: Sequence[int] = tuple(range(128, 225, 4))
+
+  @property
+  def input_spec(self) -> InputSpec:
+    return InputSpec("image", channels=self.in_channels)
 
   # ------------------------------------------------------------------ static structure
   @property
@@ -91,9 +98,7 @@ class OFAMobileNetV3(nn.Module):
   # ------------------------------------------------------------------ forward
   @nn.compact
   def __call__(self, x, arch, train: bool = False):
-    if x.shape[-1] != self.in_channels:
-      raise ValueError(f"input has {x.shape[-1]} channels; this model was built for "
-                       f"in_channels={self.in_channels} (NHWC input expected)")
+    check_channels(x, self.in_channels)
     widths = self.widths
     x = layers.ElasticConvBN(widths[0], 3, self.stem_stride, "h_swish", name="stem")(x, train)
     x = ElasticMBConv(widths[0], widths[1], (3,), self.strides[0], self.acts[0], self.use_se[0],
@@ -108,22 +113,10 @@ class OFAMobileNetV3(nn.Module):
         x = block(x, train, mid_active=layers.lookup(arch["expand"][s, i], self.expand_choices,
                                                      mids),
                   kernel_size=arch["kernel"][s, i])
-      else:
+      else:  # later blocks run only where the stage's depth reaches them
         mid = layers.lookup(arch["expand"][s, i], self.expand_choices, mids)
-        kernel = arch["kernel"][s, i]
-        active = i < arch["depth"][s]
-        if self.is_initializing():
-          x = block(x, train, mid_active=mid, kernel_size=kernel)
-        elif self.is_mutable_collection("bn_moments"):
-          # BN calibration sows moments from every block (flax's cond needs equal variable
-          # trees in both branches); a skipped block's moments are simply never used.
-          x = jnp.where(active, block(x, train, mid_active=mid, kernel_size=kernel), x)
-        else:
-          # lax.cond, not a mask: a block the depth skips costs no compute at all (forward and
-          # backward), and its BN statistics stay untouched.
-          x = nn.cond(active,
-                      lambda mdl, x, mid, k: mdl(x, train, mid_active=mid, kernel_size=k),
-                      lambda mdl, x, mid, k: x, block, x, mid, kernel)
+        x = gated(i < arch["depth"][s], block, x, mid, arch["kernel"][s, i],
+                  call=lambda mdl, x, mid, k: mdl(x, train, mid_active=mid, kernel_size=k))
     x = layers.ElasticConvBN(widths[-2], act="h_swish", name="head")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = layers.h_swish(nn.Dense(widths[-1], use_bias=False, kernel_init=layers.LINEAR_INIT,
@@ -153,22 +146,19 @@ class OFAMobileNetV3(nn.Module):
                      head_width=widths[-2], num_classes=self.num_classes,
                      stem_stride=self.stem_stride, stem_act="h_swish", head_act="h_swish",
                      feature_mix_width=widths[-1], dropout_rate=self.dropout_rate,
-                     depthwise_impl=self.depthwise_impl, parent=None)
+                     depthwise_impl=self.depthwise_impl, in_channels=self.in_channels,
+                     parent=None)
 
   def slice_variables(self, variables: dict, arch) -> dict:
     """The dense subnet's variables: the supernet's, sliced (kernel transforms baked in)."""
-    p, bs = variables["params"], variables["batch_stats"]
-    specs = self.block_specs(arch)
+    p = variables["params"]
     params = {k: p[k] for k in ("stem", "head", "feature_mix", "classifier")}
-    stats = {k: bs[k] for k in ("stem", "head")}
-    for spec in specs:
+    for spec in self.block_specs(arch):
       block = ElasticMBConv(spec.mid_channels, spec.out_channels,
                             (3,) if spec.name == "first_block" else tuple(self.kernel_choices),
                             has_expand=spec.has_expand, use_se=spec.use_se, parent=None)
-      sliced = block.slice_variables({"params": p[spec.name], "batch_stats": bs[spec.name]}, spec)
-      params[spec.name] = sliced["params"]
-      stats[spec.name] = sliced["batch_stats"]
-    return {"params": params, "batch_stats": stats}
+      params[spec.name] = block.slice_variables(p[spec.name], spec)
+    return with_stats(variables, params)
 
   # ------------------------------------------------------------------ cost
   def cost(self, arch, resolution: int):

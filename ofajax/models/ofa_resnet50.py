@@ -42,8 +42,12 @@ import numpy as np
 
 from ofajax import layers
 from ofajax.layers import ElasticConvBN, make_divisible
-from ofajax.models.resnet import (BottleneckSpec, ElasticBottleneck, ElasticResidualConv, ResNet,
-                                  max_pool_3x3_s2, resnet_cost)
+from ofajax.layers.gating import gated
+from ofajax.layers.resnet import (BottleneckSpec, ElasticBottleneck, ElasticResidualConv,
+                                  max_pool_3x3_s2)
+from ofajax.layers.stats import with_stats
+from ofajax.models.base import InputSpec, check_channels
+from ofajax.models.resnet import ResNet, resnet_cost
 from ofajax.space import Leaf, SearchSpace
 
 
@@ -70,6 +74,10 @@ class OFAResNet50(nn.Module):
   dropout_rate: float = 0.0
   # OFA-ResNet50 is trained at 128-224 (once-for-all README); its accuracy predictor's sizes.
   resolutions: Sequence[int] = (128, 144, 160, 176, 192, 224)
+
+  @property
+  def input_spec(self) -> InputSpec:
+    return InputSpec("image", channels=self.in_channels)
 
   # ------------------------------------------------------------------ static structure
   @property
@@ -141,37 +149,24 @@ class OFAResNet50(nn.Module):
   # ------------------------------------------------------------------ forward
   @nn.compact
   def __call__(self, x, arch, train: bool = False):
-    if x.shape[-1] != self.in_channels:
-      raise ValueError(f"input has {x.shape[-1]} channels; this model was built for "
-                       f"in_channels={self.in_channels} (NHWC input expected)")
+    check_channels(x, self.in_channels)
     stem_mid, stem_out, stage_widths = self._widths(arch)
     x = ElasticConvBN(max(self.stem_mid_widths), 3, 2, "relu", name="stem0")(x, train, stem_mid)
-    x = self._gated(arch["stem_depth"] == 3, ElasticResidualConv(max(self.stem_mid_widths),
-                                                                 name="stem1"), x, train, stem_mid)
+    run = lambda mdl, x, *widths: mdl(x, train, *widths)
+    x = gated(arch["stem_depth"] == 3, ElasticResidualConv(max(self.stem_mid_widths),
+                                                           name="stem1"), x, stem_mid, call=run)
     x = ElasticConvBN(max(self.stem_widths), 3, 1, "relu", name="stem2")(x, train, stem_out)
     x = max_pool_3x3_s2(x)
     for s, i, _, mid_max, out_max, stride, downsample in self._blocks():
       block = ElasticBottleneck(mid_max, out_max, stride, downsample, name=f"stage{s}_block{i}")
       mid = self._mid(arch, s, i)
-      if i < self.base_depths[s] + min(self.extra_depths):
+      if i < self.base_depths[s] + min(self.extra_depths):   # every subnet runs this block
         x = block(x, train, mid, stage_widths[s])
       else:
-        x = self._gated(i < arch["depth"][s], block, x, train, mid, stage_widths[s])
+        x = gated(i < arch["depth"][s], block, x, mid, stage_widths[s], call=run)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=layers.LINEAR_INIT, name="classifier")(x)
-
-  def _gated(self, active, block, x, train, *widths):
-    """Runs ``block`` only where ``active`` (a traced bool), as OFAMobileNetV3 gates depth."""
-    if self.is_initializing():
-      return block(x, train, *widths)
-    if self.is_mutable_collection("bn_moments"):
-      # BN calibration sows moments from every block (flax's cond needs equal variable trees in
-      # both branches); a skipped block's moments are never used.
-      return jnp.where(active, block(x, train, *widths), x)
-    # lax.cond: a skipped block costs no compute and its BN statistics stay untouched.
-    return nn.cond(active, lambda mdl, x, *w: mdl(x, train, *w), lambda mdl, x, *w: x,
-                   block, x, *widths)
 
   # ------------------------------------------------------------------ dense subnet
   def block_specs(self, arch) -> list[BottleneckSpec]:
@@ -193,29 +188,23 @@ class OFAResNet50(nn.Module):
     stem_mid, stem_out, _ = self._widths(arch)
     return ResNet(stem_mid=int(stem_mid), stem_out=int(stem_out),
                   stem_residual=bool(arch["stem_depth"] == 3), blocks=tuple(self.block_specs(arch)),
-                  num_classes=self.num_classes, dropout_rate=self.dropout_rate, parent=None)
+                  num_classes=self.num_classes, dropout_rate=self.dropout_rate,
+                  in_channels=self.in_channels, parent=None)
 
   def slice_variables(self, variables: dict, arch) -> dict:
     """The dense subnet's variables: the supernet's, sliced."""
-    p, bs = variables["params"], variables["batch_stats"]
+    p = variables["params"]
     dense = self.dense_model(arch)
-    cin = self.in_channels
-    params = {"classifier": {"kernel": p["classifier"]["kernel"][:dense.blocks[-1].out_channels],
+    mid, out = dense.stem_mid, dense.stem_out
+    params = {"stem0": ElasticConvBN.slice_variables(p["stem0"], self.in_channels, mid),
+              "stem2": ElasticConvBN.slice_variables(p["stem2"], mid, out),
+              "classifier": {"kernel": p["classifier"]["kernel"][:dense.blocks[-1].out_channels],
                              "bias": p["classifier"]["bias"]}}
-    stats = {}
-    stem = [("stem0", cin, dense.stem_mid), ("stem2", dense.stem_mid, dense.stem_out)]
-    for name, i, o in stem:
-      params[name] = ElasticConvBN.slice_variables(p[name], i, o)
-      stats[name] = {"bn": {k: v[:o] for k, v in bs[name]["bn"].items()}}
     if dense.stem_residual:
-      m = dense.stem_mid
-      params["stem1"] = {"conv": ElasticConvBN.slice_variables(p["stem1"]["conv"], m, m)}
-      stats["stem1"] = {"conv": {"bn": {k: v[:m] for k, v in bs["stem1"]["conv"]["bn"].items()}}}
+      params["stem1"] = {"conv": ElasticConvBN.slice_variables(p["stem1"]["conv"], mid, mid)}
     for spec in dense.blocks:
-      sliced = ElasticBottleneck.slice_variables(
-          {"params": p[spec.name], "batch_stats": bs[spec.name]}, spec)
-      params[spec.name], stats[spec.name] = sliced["params"], sliced["batch_stats"]
-    return {"params": params, "batch_stats": stats}
+      params[spec.name] = ElasticBottleneck.slice_variables(p[spec.name], spec)
+    return with_stats(variables, params)
 
   # ------------------------------------------------------------------ cost
   def cost(self, arch, resolution: int):

@@ -32,6 +32,8 @@ import numpy as np
 
 from ofajax import layers
 from ofajax.layers import BlockSpec, ElasticConvBN, ElasticMBConv, make_divisible
+from ofajax.layers.stats import with_stats
+from ofajax.models.base import InputSpec, check_channels
 from ofajax.models.mobilenet import MobileNet, mobilenet_cost
 from ofajax.space import Leaf, SearchSpace
 
@@ -76,6 +78,10 @@ class SlimMobileNetV2(nn.Module):
   dropout_rate: float = 0.2
   depthwise_impl: str = "shift"
   resolutions: Sequence[int] = (224,)
+
+  @property
+  def input_spec(self) -> InputSpec:
+    return InputSpec("image", channels=self.in_channels)
 
   # ------------------------------------------------------------------ static structure
   def _plan(self) -> _Plan:
@@ -144,9 +150,7 @@ class SlimMobileNetV2(nn.Module):
   # ------------------------------------------------------------------ forward
   @nn.compact
   def __call__(self, x, arch, train: bool = False):
-    if x.shape[-1] != self.in_channels:
-      raise ValueError(f"input has {x.shape[-1]} channels; this model was built for "
-                       f"in_channels={self.in_channels} (NHWC input expected)")
+    check_channels(x, self.in_channels)
     plan = self._plan()
     width = arch["width"]
     x = ElasticConvBN(plan.max_widths[plan.stem_group], KERNEL, self.stem_stride, ACT,
@@ -182,11 +186,12 @@ class SlimMobileNetV2(nn.Module):
                      head_width=w[plan.head_group], num_classes=self.num_classes,
                      stem_stride=self.stem_stride, stem_act=ACT, head_act=ACT,
                      feature_mix_width=0, dropout_rate=self.dropout_rate,
-                     depthwise_impl=self.depthwise_impl, parent=None)
+                     depthwise_impl=self.depthwise_impl, in_channels=self.in_channels,
+                     parent=None)
 
   def slice_variables(self, variables: dict, arch) -> dict:
     """The dense subnet's variables: the supernet's, sliced to the arch's widths."""
-    p, bs = variables["params"], variables["batch_stats"]
+    p = variables["params"]
     plan = self._plan()
     w = self._widths(arch)
     stem, head = w[plan.stem_group], w[plan.head_group]
@@ -195,15 +200,11 @@ class SlimMobileNetV2(nn.Module):
               "head": ElasticConvBN.slice_variables(p["head"], head_in, head),
               "classifier": {"kernel": p["classifier"]["kernel"][:head],
                              "bias": p["classifier"]["bias"]}}
-    stats = {"stem": {"bn": {k: v[:stem] for k, v in bs["stem"]["bn"].items()}},
-             "head": {"bn": {k: v[:head] for k, v in bs["head"]["bn"].items()}}}
     for b, spec in zip(plan.blocks, self.block_specs(arch)):
       block = ElasticMBConv(b.mid_channels, b.out_channels, (KERNEL,), has_expand=b.has_expand,
                             use_se=False, parent=None)
-      sliced = block.slice_variables({"params": p[b.name], "batch_stats": bs[b.name]}, spec)
-      params[b.name] = sliced["params"]
-      stats[b.name] = sliced["batch_stats"]
-    return {"params": params, "batch_stats": stats}
+      params[b.name] = block.slice_variables(p[b.name], spec)
+    return with_stats(variables, params)
 
   # ------------------------------------------------------------------ cost
   def cost(self, arch, resolution: int):

@@ -40,12 +40,24 @@ class Constraints:
 
 def check_feasible(space, cost: Callable, constraints: Constraints) -> None:
   """Raises a clear error when even the smallest arch breaks a bound."""
-  c = cost(moves.to_host(space.smallest()))
+  c = cost(space.to_host(space.smallest()))
   for key, bound in (("macs", constraints.macs), ("params", constraints.params),
                      ("latency_ms", constraints.latency_ms)):
     if bound is not None and c[key] > bound:
       raise ValueError(f"no arch of this space satisfies {key} <= {bound:,}: the smallest "
                        f"subnet has {key} = {c[key]:,}; raise the bound to at least that")
+
+
+def select(records: list[dict], k: int, multi_objective: bool = False) -> list[dict]:
+  """The ``k`` best records: fittest first (ties: fewer MACs), or with ``multi_objective`` by
+  NSGA-II's non-dominated rank of (fitness, MACs), then crowding distance (spread wins)."""
+  if not multi_objective:
+    return sorted(records, key=lambda r: (-r["fitness"], r["macs"]))[:k]
+  f = [r["fitness"] for r in records]
+  c = [r["macs"] for r in records]
+  rank, crowd = pareto.ranks(f, c), pareto.crowding(f, c)
+  order = sorted(range(len(records)), key=lambda i: (rank[i], -crowd[i], -f[i]))
+  return [records[i] for i in order[:k]]
 
 
 def evolve(space, fitness: Callable, cost: Callable, constraints: Constraints, *,
@@ -80,22 +92,13 @@ def evolve(space, fitness: Callable, cost: Callable, constraints: Constraints, *
     for r in records:
       r["fitness"] = seen[space.name(r["arch"])]["fitness"]
 
-  def select(records: list[dict], k: int) -> list[dict]:
-    if not multi_objective:
-      return sorted(records, key=lambda r: (-r["fitness"], r["macs"]))[:k]
-    f = [r["fitness"] for r in records]
-    c = [r["macs"] for r in records]
-    rank, crowd = pareto.ranks(f, c), pareto.crowding(f, c)
-    order = sorted(range(len(records)), key=lambda i: (rank[i], -crowd[i], -f[i]))
-    return [records[i] for i in order[:k]]
-
-  pop = [draw(lambda: moves.random_arch(space, rng)) for _ in range(population)]
+  pop = [draw(lambda: space.random_host(rng)) for _ in range(population)]
   score(pop)
   num_parents = max(1, int(round(parent_ratio * population)))
   num_mutants = int(round(mutation_ratio * population))
   history = []
   for it in range(iterations):
-    parents = select(pop, num_parents)
+    parents = select(pop, num_parents, multi_objective)
     children = []
     for _ in range(num_mutants):
       p = parents[rng.integers(len(parents))]
@@ -114,3 +117,24 @@ def evolve(space, fitness: Callable, cost: Callable, constraints: Constraints, *
       progress.update(it + 1, f"best {best['fitness']:.4f}, {len(seen)} archs scored")
   best = max(pop, key=lambda r: (r["fitness"], -r["macs"]))
   return {"best": best, "population": pop, "history": history, "seen": list(seen.values())}
+
+
+def fittest_under(space, records: list[dict], targets) -> list[tuple[float, dict]]:
+  """[(target, the fittest record at or under ``target`` MACs)], ties to fewer MACs: how a
+  multi-objective run, constrained only by the largest target, answers every target.
+
+  Raises a ValueError naming the target and the cheapest arch the run scored when nothing is
+  under a target (the population never spread that far down the MACs axis).
+  """
+  chosen = []
+  for t in targets:
+    under = [r for r in records if r["macs"] <= t]
+    if not under:
+      cheapest = min(records, key=lambda r: (r["macs"], -r["fitness"]))
+      raise ValueError(
+          f"multi-objective evolution scored no arch at or under the MACs target {t:,.0f}: the "
+          f"cheapest of its {len(records)} archs is {space.name(cheapest['arch'])} with "
+          f"{cheapest['macs']:,} MACs (fitness {cheapest['fitness']:.4f}). Raise the target, "
+          "or give the run more iterations or a larger population to reach further down")
+    chosen.append((t, max(under, key=lambda r: (r["fitness"], -r["macs"]))))
+  return chosen

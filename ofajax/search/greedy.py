@@ -34,7 +34,7 @@ def greedy_search(space, evaluate: Callable, cost: Callable, targets: Sequence[f
   if min(targets) < smallest:
     raise ValueError(f"MACs target {min(targets):,.0f} is below the smallest subnet of this "
                      f"space ({smallest:,} MACs): no arch can reach it; use targets >= {smallest:,}")
-  arch = moves.to_host(space.largest())
+  arch = space.to_host(space.largest())
   first = dict(move="largest", round=0, arch=arch, **cost(arch), **evaluate([arch])[0])
   path, evaluated = [first], [first]
   goal = min(targets)

@@ -31,6 +31,8 @@ import numpy as np
 
 from ofajax import layers
 from ofajax.models import FAST_COMPILE
+from ofajax.models.base import Supernet
+from ofajax.models.mobilenet import MobileNet
 
 
 class _Tail(nn.Module):
@@ -91,8 +93,8 @@ def _compiled(module, shape, batch: int, key):
 
 
 def model_fingerprint(model) -> str:
-  fields = {f.name: repr(getattr(model, f.name)) for f in dataclasses.fields(model)
-            if f.name not in ("parent", "name")}
+  """A hash of the model's fields (its configuration; not the flax-internal parent and name)."""
+  fields = {k: repr(v) for k, v in dataclasses.asdict(model).items() if k not in ("parent", "name")}
   return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -107,18 +109,18 @@ class LatencyTable:
 
   def __init__(self, model_name: str, model, resolution: int, batch_size: int = 1,
                warmup: int = 3, repeats: int = 20):
-    if not hasattr(model, "dense_model"):
-      raise ValueError(f"{model_name}: latency tables need a supernet with dense_model()")
+    if not isinstance(model, Supernet) or model.input_spec.kind != "image":
+      raise ValueError(f"{model_name}: latency tables time the dense subnets of image supernets")
     self.model_name, self.model = model_name, model
     self.resolution, self.batch_size = int(resolution), int(batch_size)
     self.warmup, self.repeats = warmup, repeats
     self.entries: dict[str, float] = {}
     self.overhead_ms: float | None = None
-    self.in_channels = int(getattr(model, "in_channels", 3))
+    self.in_channels = model.input_spec.channels
 
   def _segments(self, arch):
     dense = self.model.dense_model(arch)
-    if not hasattr(dense, "blocks"):
+    if not isinstance(dense, MobileNet):
       raise ValueError(f"{self.model_name}: latency tables split MobileNet-style subnets only")
     return segments(dense, self.resolution, self.in_channels)
 

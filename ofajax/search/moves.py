@@ -1,8 +1,9 @@
-"""Host-side arch edits shared by the searches: random archs, shrink moves, mutation, crossover.
+"""The searches' moves on host archs: greedy shrink steps, OFA's mutation and crossover.
 
-All of them keep an arch valid for its space: a coupled child (CompOFA's expand follows depth)
-is repaired after its parent changes, and gated-off positions are canonicalised so that equal
-subnets compare equal (their names are the searches' cache keys).
+Every move ends in :meth:`SearchSpace.repair`, so its result is valid for the space (a coupled
+child such as CompOFA's expand follows its depth) and canonical (equal subnets compare equal:
+their names are the searches' cache keys), or None when no valid arch came out. Random archs,
+host copies and the repair itself belong to the space (``space.random_host``, ``space.to_host``).
 """
 
 from __future__ import annotations
@@ -12,40 +13,6 @@ from typing import Iterator
 import numpy as np
 
 from ofajax.space import SearchSpace
-
-
-def to_host(arch) -> dict:
-  return {k: np.array(v, np.int64) for k, v in arch.items()}
-
-
-def finish(space: SearchSpace, arch: dict) -> dict | None:
-  """Repairs coupled children, canonicalises; None if the result is still invalid."""
-  arch = {k: np.array(v, np.int64) for k, v in arch.items()}
-  for leaf in space.leaves:
-    if leaf.parent is None:
-      continue
-    parent = arch[leaf.parent]
-    for pos in np.ndindex(*leaf.shape):
-      allowed = space.choices(leaf.name, pos, int(parent[pos[:-1]]))
-      if allowed and int(arch[leaf.name][pos]) not in allowed:
-        below = [v for v in allowed if v <= arch[leaf.name][pos]]
-        arch[leaf.name][pos] = below[-1] if below else allowed[0]
-  try:
-    return space.canonical_host(space.check_host(arch))
-  except ValueError:
-    return None
-
-
-def random_arch(space: SearchSpace, rng: np.random.Generator) -> dict:
-  """A uniformly random value per position, on the host (like ``space.sample``)."""
-  arch = {}
-  for leaf in space.leaves:
-    value = np.zeros(leaf.shape, np.int64)
-    for pos in np.ndindex(*leaf.shape):
-      parent = None if leaf.parent is None else int(arch[leaf.parent][pos[:-1]])
-      value[pos] = rng.choice(space.choices(leaf.name, pos, parent))
-    arch[leaf.name] = value
-  return finish(space, arch)
 
 
 def _groups(shape: tuple[int, ...], granularity: str) -> list[list[tuple[int, ...]]]:
@@ -81,7 +48,7 @@ def shrink_moves(space: SearchSpace, arch: dict, granularity: str = "layer",
           new[leaf.name][pos] = smaller[max(0, len(smaller) - bin_steps)]
           changed = True
       if changed:
-        moved = finish(space, new)
+        moved = space.repair(new)
         if moved is not None:
           where = ",".join(str(i) for i in group[0][:1 if len(group) > 1 else None])
           yield f"{leaf.name}[{where}]", moved
@@ -97,7 +64,7 @@ def mutate(space: SearchSpace, arch: dict, prob: float, rng: np.random.Generator
       parent = None if leaf.parent is None else int(new[leaf.parent][pos[:-1]])
       value[pos] = rng.choice(space.choices(leaf.name, pos, parent))
     new[leaf.name] = value
-  return finish(space, new)
+  return space.repair(new)
 
 
 def crossover(space: SearchSpace, a: dict, b: dict, rng: np.random.Generator) -> dict | None:
@@ -105,4 +72,4 @@ def crossover(space: SearchSpace, a: dict, b: dict, rng: np.random.Generator) ->
   new = {}
   for leaf in space.leaves:
     new[leaf.name] = np.where(rng.random(leaf.shape) < 0.5, a[leaf.name], b[leaf.name])
-  return finish(space, new)
+  return space.repair(new)

@@ -1,17 +1,17 @@
-"""Text classification input: TFDS text data sets -> int32 token ids, no TensorFlow needed.
+"""Layer 5: text classification data. TFDS text data sets -> int32 token ids, no TensorFlow needed.
 
-The same contract as the image pipeline of `ofajax.data` (whose `load`, `make_train_iterator`
-and `make_eval_iterator` dispatch here when the data set's spec is a `TextSpec`):
+The same contract as the image pipeline (`ofajax.data.load`, `make_train_iterator` and
+`make_eval_iterator` dispatch here when the data set's spec is a `TextSpec`):
 
   load(name, split)                  -> TextSource (random access; records as TFDS stores them)
   make_train_iterator(source, ...)   -> endless, deterministic, per-process batches
   make_eval_iterator(source, ...)    -> one ordered pass, last batch padded + "mask"
 
-Batches are {"image": int32 [b, T] token ids, "label": int32 [b]} (+ "mask": bool [b] for eval);
-the key "image" is historical and means "the model input". The sequence length T plays the role
-of the resolution (`resolution=`; default the spec's max_length). The order of examples, the
-process slices and resuming from `start_step` are exactly those of the image pipeline (the same
-code: `ofajax.data._train_order`, `ofajax.data.Batches`).
+Batches are {"inputs": int32 [b, T] token ids, "label": int32 [b]} (+ "mask": bool [b] for
+eval). The sequence length T plays the role of the resolution (`resolution=`; default the spec's
+max_length). The order of examples, the process slices and resuming from `start_step` are
+exactly those of the image pipeline (the same code: `ofajax.data.batching`, which reads a
+`TextReader` as it reads an image reader).
 
 Tokenizer: deterministic, word level. `tokenize` lowercases and splits into words (`\\w+`) and
 single punctuation characters. Ids: 0 [PAD], 1 [UNK], 2 [CLS], 3 [SEP], then the most frequent
@@ -35,7 +35,6 @@ model_vocab_size)` raises a clear error when a pipeline's ids could exceed a mod
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import json
 import os
@@ -46,54 +45,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = [
-    "CLS",
-    "PAD",
-    "SEP",
-    "SPECIALS",
-    "TextSource",
-    "TextSpec",
-    "UNK",
-    "Vocabulary",
-    "check_vocab",
-    "make_eval_iterator",
-    "make_train_iterator",
-    "tokenize",
-    "vocab_path",
-    "vocabulary",
-]
+from ofajax.data import batching, builders, registry
+from ofajax.data.registry import TextSpec
 
 PAD, UNK, CLS, SEP = 0, 1, 2, 3
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 VOCAB_FORMAT = "ofajax-word-vocab-1"
 _WORDS = re.compile(r"\w+|[^\w\s]")
-
-
-@dataclasses.dataclass(frozen=True)
-class TextSpec:
-  """What the text pipeline needs to know about a text classification data set.
-
-  text_key / label_key: the record fields. train_split: the split the vocabulary is built from
-  (and the default training split); eval_split: a split with labels (glue's test splits have
-  label -1: their eval split is "validation"). max_length: the default sequence length T.
-  vocab_size: the default vocabulary size, specials included. builder_module: a module to
-  import so that TFDS knows the builder (glue lives in `tensorflow_datasets.text`, which TFDS
-  does not import by itself).
-  """
-
-  num_classes: int
-  text_key: str = "sentence"
-  label_key: str = "label"
-  train_split: str = "train"
-  eval_split: str = "validation"
-  max_length: int = 128
-  vocab_size: int = 30522
-  builder_module: str | None = None
-
-  @property
-  def resolution(self) -> int:
-    """The default "resolution" of a text data set: its sequence length."""
-    return self.max_length
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,6 +69,11 @@ def _as_str(text) -> str:
 def tokenize(text) -> list[str]:
   """Lowercased words (`\\w+`) and punctuation characters, in order; bytes are read as UTF-8."""
   return _WORDS.findall(_as_str(text).lower())
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+  if vocab_size <= len(SPECIALS):
+    raise ValueError(f"vocab_size must exceed the {len(SPECIALS)} special tokens, got {vocab_size}")
 
 
 class Vocabulary:
@@ -134,9 +97,7 @@ class Vocabulary:
   @classmethod
   def build(cls, texts: Iterable, vocab_size: int) -> "Vocabulary":
     """The vocab_size - 4 most frequent words of `texts` (ties alphabetically) after SPECIALS."""
-    if vocab_size <= len(SPECIALS):
-      raise ValueError(f"vocab_size must exceed the {len(SPECIALS)} special tokens, "
-                       f"got {vocab_size}")
+    _check_vocab_size(vocab_size)
     counts = collections.Counter()
     for text in texts:
       counts.update(tokenize(text))
@@ -158,24 +119,16 @@ class Vocabulary:
     return " ".join(self.tokens[int(i)] for i in np.asarray(ids).reshape(-1) if int(i) != PAD)
 
 
+def _key(name: str) -> str:
+  return registry.spec_key(name) or name
+
+
 def vocab_path(name: str, data_dir, vocab_size: int, split: str | None = None) -> str:
   """Where the vocabulary of `name` (built from `split`, default the spec's train split) is
   cached: <data_dir>/ofajax_vocab/<name, "/" and ":" as "_">-<split>-<vocab_size>.json."""
-  from ofajax import data  # pylint: disable=g-import-not-at-top  (data imports this module)
-
-  name, split = _key(name), split or _text_spec(name).train_split
+  name, split = _key(name), split or registry.text_spec(name).train_split
   safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}-{split}-{vocab_size}")
-  return os.path.join(data._resolve(data_dir), "ofajax_vocab", safe + ".json")  # pylint: disable=protected-access
-
-
-def _text_spec(name: str) -> TextSpec:
-  from ofajax import data  # pylint: disable=g-import-not-at-top
-
-  spec = data.lookup_spec(name)
-  if not isinstance(spec, TextSpec):
-    raise ValueError(f"{name!r} is not a registered text data set; text data sets: "
-                     f"{sorted(k for k, v in data.DATASETS.items() if isinstance(v, TextSpec))}")
-  return spec
+  return os.path.join(registry.resolve_data_dir(data_dir), "ofajax_vocab", safe + ".json")
 
 
 def _read_cache(path: str, vocab_size: int) -> Vocabulary | None:
@@ -221,34 +174,35 @@ def _cached_vocabulary(path: str, mtime_ns: int, vocab_size: int) -> Vocabulary 
 
 def vocabulary(name: str, data_dir=None, vocab_size: int | None = None) -> Vocabulary:
   """The vocabulary of text data set `name`: read from its JSON cache in data_dir, or built from
-  the spec's training split (through `ofajax.data.load`, so a missing data set raises
+  the spec's training split (read as `ofajax.data.load` reads it, so a missing data set raises
   DatasetNotPreparedError) and cached. vocab_size: default the spec's."""
-  from ofajax import data  # pylint: disable=g-import-not-at-top
-
-  spec = _text_spec(name)
+  spec = registry.text_spec(name)
   vocab_size = int(vocab_size or spec.vocab_size)
-  if vocab_size <= len(SPECIALS):
-    raise ValueError(f"vocab_size must exceed the {len(SPECIALS)} special tokens, got {vocab_size}")
+  _check_vocab_size(vocab_size)
   path = vocab_path(name, data_dir, vocab_size)
   if os.path.exists(path):
     vocab = _cached_vocabulary(path, os.stat(path).st_mtime_ns, vocab_size)
     if vocab is not None:
       return vocab
-  source = data.load(name, spec.train_split, data_dir)
+  source = builders.load_source(name, spec.train_split, data_dir)
   texts = (source[i][spec.text_key] for i in range(len(source)))
   vocab = Vocabulary.build(texts, vocab_size)
   _write_cache(path, vocab, _key(name), spec.train_split, vocab_size, len(source))
   return vocab
 
 
-def _key(name: str) -> str:
-  from ofajax import data  # pylint: disable=g-import-not-at-top
-
-  return data.spec_key(name) or name
+def check_vocab(batches, model_vocab_size: int) -> None:
+  """Raises ValueError if `batches` (a text iterator) could yield ids >= model_vocab_size."""
+  size = getattr(batches, "vocab_size", None)
+  if size is not None and int(size) > int(model_vocab_size):
+    raise ValueError(
+        f"the text pipeline's token ids go up to {int(size) - 1} (vocab_size {size}) but the "
+        f"model's vocabulary has {model_vocab_size} entries: pass vocab_size=model.vocab_size to "
+        "the data iterators, or set config.model_options.vocab_size to at least that")
 
 
 # ------------------------------------------------------------------------------------------------
-# Sources.
+# Sources and reader.
 
 
 class TextSource:
@@ -276,8 +230,16 @@ class TextSource:
     return f"TextSource({self.name!r}, split={self.split!r}, n={len(self)})"
 
 
-class _Reader:
-  """(int32 [T] token ids, int label) by index; the whole split encoded in memory for small ones."""
+def load(name: str, split: str, data_dir=None) -> TextSource:
+  """A split of the text data set `name` (see `builders.load_source`) as a TextSource."""
+  data_dir = registry.resolve_data_dir(data_dir)
+  source = builders.load_source(name, split, data_dir)
+  return TextSource(source, registry.spec_key(name), data_dir, registry.text_spec(name), split)
+
+
+class TextReader:
+  """The `batching.Reader` of a text split: (int32 [T] token ids, int label) by index; the whole
+  split encoded in memory for small ones."""
 
   def __init__(self, source, vocab: Vocabulary, length: int, text_key: str, label_key: str,
                num_classes: int, in_memory: bool, name: str):
@@ -285,6 +247,7 @@ class _Reader:
     self.text_key, self.label_key, self.num_classes, self.name = (text_key, label_key,
                                                                   num_classes, name)
     self.n, self.in_memory = len(source), in_memory
+    self._empty = vocab.encode("", length)
     if in_memory:
       records = [source[i] for i in range(self.n)]
       self.tokens = np.stack([vocab.encode(r[text_key], length) for r in records]) if records \
@@ -303,47 +266,58 @@ class _Reader:
   def __len__(self) -> int:
     return self.n
 
-  def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+  def example(self, index: int, rng_key: tuple[int, ...] | None) -> tuple[np.ndarray, int]:
+    del rng_key  # text has no augmentation
     if self.in_memory:
-      return self.tokens[i], int(self.labels[i])
-    r = self.source[int(i)]
+      return self.tokens[index], int(self.labels[index])
+    r = self.source[int(index)]
     label = int(r[self.label_key])
     if not 0 <= label < self.num_classes:
-      self._bad_label(int(i), label)
+      self._bad_label(int(index), label)
     return self.vocab.encode(r[self.text_key], self.length), label
 
+  def padding(self) -> np.ndarray:
+    """The encoding of the empty text ([CLS] [SEP] 0 ...: every row has a token to attend to)."""
+    return self._empty.copy()
 
-def _setup(source, dataset, resolution, vocab_size, vocab, in_memory, num_threads, label_key,
-           text_key, process_index, process_count, batch_size):
-  from ofajax import data  # pylint: disable=g-import-not-at-top
 
-  if isinstance(dataset, TextSpec):
-    spec, name = dataset, getattr(source, "name", None)
-  else:
-    name = dataset or getattr(source, "name", None)
-    spec = _text_spec(name) if name is not None else getattr(source, "spec", None)
-  if spec is None:
-    raise ValueError("unknown text data set: pass dataset= (a registered name or a TextSpec)")
+# ------------------------------------------------------------------------------------------------
+# Iterators.
+
+
+def _vocab_for(name, spec: TextSpec, source, vocab: Vocabulary | None,
+               vocab_size: int | None) -> tuple[Vocabulary, int]:
+  """(vocabulary, vocab_size): `vocab` if given (checked against vocab_size), else the data set's
+  cached vocabulary of vocab_size (default the spec's) ids."""
   if vocab is None:
     if name is None:
-      raise ValueError("no vocabulary: pass vocab= (a text_data.Vocabulary) or a source from "
+      raise ValueError("no vocabulary: pass vocab= (an ofajax.data.Vocabulary) or a source from "
                        "ofajax.data.load")
     vocab_size = int(vocab_size or spec.vocab_size)
     vocab = vocabulary(name, getattr(source, "data_dir", None), vocab_size)
   elif vocab_size is not None and len(vocab) > vocab_size:
     raise ValueError(f"the vocabulary given has {len(vocab)} ids, more than vocab_size "
                      f"{vocab_size}")
-  vocab_size = int(vocab_size or len(vocab))
-  length = int(resolution or spec.max_length)
-  p, _, local = data._process_slice(batch_size, process_index, process_count)  # pylint: disable=protected-access
-  n = len(source)
-  if in_memory is None:
-    in_memory = n <= data.IN_MEMORY_MAX_EXAMPLES
-  if num_threads is None:
-    num_threads = 0 if in_memory else min(16, os.cpu_count() or 1)
-  reader = _Reader(source, vocab, length, text_key or spec.text_key, label_key or spec.label_key,
-                   spec.num_classes, in_memory, name or "the text source")
-  return spec, vocab, vocab_size, length, p, local, n, reader, num_threads
+  return vocab, int(vocab_size or len(vocab))
+
+
+def _setup(source, dataset, *, resolution, vocab_size, vocab, in_memory, num_threads, label_key,
+           text_key, process_index, process_count, batch_size):
+  """(reader, vocab_size, p, local, num_threads) of a text split."""
+  if isinstance(dataset, TextSpec):
+    spec, name = dataset, getattr(source, "name", None)
+  else:
+    name = dataset or getattr(source, "name", None)
+    spec = registry.text_spec(name) if name is not None else getattr(source, "spec", None)
+  if spec is None:
+    raise ValueError("unknown text data set: pass dataset= (a registered name or a TextSpec)")
+  vocab, vocab_size = _vocab_for(name, spec, source, vocab, vocab_size)
+  p, _, local = batching.process_slice(batch_size, process_index, process_count)
+  in_memory, num_threads = batching.read_options(len(source), in_memory, num_threads)
+  reader = TextReader(source, vocab, int(resolution or spec.max_length),
+                      text_key or spec.text_key, label_key or spec.label_key, spec.num_classes,
+                      in_memory, name or "the text source")
+  return reader, vocab_size, p, local, num_threads
 
 
 def make_train_iterator(source, *, batch_size: int, seed: int, resolution: int | None = None,
@@ -352,8 +326,8 @@ def make_train_iterator(source, *, batch_size: int, seed: int, resolution: int |
                         start_step: int = 0, in_memory: bool | None = None,
                         num_threads: int | None = None, vocab_size: int | None = None,
                         vocab: Vocabulary | None = None, text_key: str | None = None,
-                        label_key: str | None = None):
-  """Endless training batches {"image": int32 [b, T] token ids, "label": int32 [b]}, b = B / P.
+                        label_key: str | None = None) -> batching.Batches:
+  """Endless training batches {"inputs": int32 [b, T] token ids, "label": int32 [b]}, b = B / P.
 
   source: a `TextSource` (from `ofajax.data.load`) or any len() / [i] -> record source with
   dataset= naming the data set (or vocab= given). resolution: the sequence length T (default
@@ -361,24 +335,16 @@ def make_train_iterator(source, *, batch_size: int, seed: int, resolution: int |
   .make_train_iterator`; augment must be "none". vocab_size: ids are < vocab_size (default the
   spec's); pass the model's vocab_size. The Batches carry `.vocab_size` and `.vocabulary`.
   """
-  from ofajax import data  # pylint: disable=g-import-not-at-top
-
   if augment != "none":
     raise ValueError(f"text data sets have no augmentation: set augment='none' (got {augment!r})")
-  _, vocab, vocab_size, length, p, local, n, reader, num_threads = _setup(
-      source, dataset, resolution, vocab_size, vocab, in_memory, num_threads, label_key, text_key,
-      process_index, process_count, batch_size)
-  steps_per_epoch, order = data._train_order(n, batch_size, seed, p, local)  # pylint: disable=protected-access
-
-  def example(k: int) -> dict[str, np.ndarray]:
-    _, _, index = order(k)
-    tokens, label = reader[index]
-    return {"image": tokens, "label": np.int32(label)}
-
-  return data.Batches(example, local, start_step=start_step, num_threads=num_threads,
-                      steps_per_epoch=steps_per_epoch, num_examples=n, batch_size=batch_size,
-                      resolution=length, in_memory=reader.in_memory, vocab_size=vocab_size,
-                      vocabulary=vocab)
+  reader, vocab_size, p, local, num_threads = _setup(
+      source, dataset, resolution=resolution, vocab_size=vocab_size, vocab=vocab,
+      in_memory=in_memory, num_threads=num_threads, label_key=label_key, text_key=text_key,
+      process_index=process_index, process_count=process_count, batch_size=batch_size)
+  return batching.train_batches(reader, batch_size=batch_size, seed=seed, p=p, local=local,
+                                start_step=start_step, num_threads=num_threads,
+                                resolution=reader.length, vocab_size=vocab_size,
+                                vocabulary=reader.vocab)
 
 
 def make_eval_iterator(source, *, batch_size: int, resolution: int | None = None,
@@ -386,38 +352,17 @@ def make_eval_iterator(source, *, batch_size: int, resolution: int | None = None
                        process_count: int | None = None, in_memory: bool | None = None,
                        num_threads: int | None = None, vocab_size: int | None = None,
                        vocab: Vocabulary | None = None, text_key: str | None = None,
-                       label_key: str | None = None):
-  """One ordered pass: ceil(n / B) batches {"image": int32 [b, T], "label", "mask"} per process.
+                       label_key: str | None = None) -> batching.Batches:
+  """One ordered pass: ceil(n / B) batches {"inputs": int32 [b, T], "label", "mask"} per process.
 
   As `ofajax.data.make_eval_iterator`: global batch i holds examples [i * B, (i + 1) * B),
   process p its contiguous slice. Positions past the end are padding with mask False, label 0
   and the encoding of the empty text ([CLS] [SEP] 0 ...: every row has a token to attend to).
   """
-  from ofajax import data  # pylint: disable=g-import-not-at-top
-
-  _, vocab, vocab_size, length, p, local, n, reader, num_threads = _setup(
-      source, dataset, resolution, vocab_size, vocab, in_memory, num_threads, label_key, text_key,
-      process_index, process_count, batch_size)
-  num_batches = -(-n // batch_size)
-  empty = vocab.encode("", length)
-
-  def example(k: int) -> dict[str, np.ndarray]:
-    index = data._eval_index(k, batch_size, p, local)  # pylint: disable=protected-access
-    if index >= n:
-      return {"image": empty.copy(), "label": np.int32(0), "mask": np.bool_(False)}
-    tokens, label = reader[index]
-    return {"image": tokens, "label": np.int32(label), "mask": np.bool_(True)}
-
-  return data.Batches(example, local, num_steps=num_batches, num_threads=num_threads,
-                      num_examples=n, batch_size=batch_size, resolution=length,
-                      in_memory=reader.in_memory, vocab_size=vocab_size, vocabulary=vocab)
-
-
-def check_vocab(batches, model_vocab_size: int) -> None:
-  """Raises ValueError if `batches` (a text iterator) could yield ids >= model_vocab_size."""
-  size = getattr(batches, "vocab_size", None)
-  if size is not None and int(size) > int(model_vocab_size):
-    raise ValueError(
-        f"the text pipeline's token ids go up to {int(size) - 1} (vocab_size {size}) but the "
-        f"model's vocabulary has {model_vocab_size} entries: pass vocab_size=model.vocab_size to "
-        "the data iterators, or set config.model_options.vocab_size to at least that")
+  reader, vocab_size, p, local, num_threads = _setup(
+      source, dataset, resolution=resolution, vocab_size=vocab_size, vocab=vocab,
+      in_memory=in_memory, num_threads=num_threads, label_key=label_key, text_key=text_key,
+      process_index=process_index, process_count=process_count, batch_size=batch_size)
+  return batching.eval_batches(reader, batch_size=batch_size, p=p, local=local,
+                               num_threads=num_threads, resolution=reader.length,
+                               vocab_size=vocab_size, vocabulary=reader.vocab)

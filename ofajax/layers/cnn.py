@@ -1,155 +1,24 @@
-"""Elastic layers: parameters at maximum shape, active sizes as traced arguments.
+"""Elastic CNN layers (BatchNorm, conv-BN, depthwise, squeeze-excite, MBConv) and their dense twins.
 
-Every elastic module has a dense twin with the same parameter names, so exporting a subnet is
-slicing (see each elastic module's ``slice_variables``). Width is a prefix mask over channels;
-inactive channels are multiplied to exactly zero after every layer that could make them non-zero
-(BatchNorm's bias, a conv bias, SE's gate), so they never leak into the next layer.
+Parameters are at maximum shape and active sizes are traced arguments. Every elastic module has a
+dense twin with the same parameter names, so exporting a subnet is slicing (see each elastic
+module's ``slice_variables``). Width is a prefix mask over channels; inactive channels are
+multiplied to exactly zero after every layer that could make them non-zero (BatchNorm's bias, a
+conv bias, SE's gate), so they never leak into the next layer.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-# --------------------------------------------------------------------------- helpers
-
-
-def make_divisible(v, divisor: int = 8, min_value: int | None = None):
-  """OFA's / MobileNet's channel rounding, for Python ints and for (traced) integer arrays."""
-  min_value = divisor if min_value is None else min_value
-  if isinstance(v, (int, float, np.integer, np.floating)):
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < 0.9 * v else new_v
-  # Integer arrays: int(v + d/2) == v + d//2 for integer v and even d.
-  xp = jnp if isinstance(v, jax.Array) else np
-  new_v = xp.maximum(min_value, (v + divisor // 2) // divisor * divisor)
-  return xp.where(new_v * 10 < 9 * v, new_v + divisor, new_v)
-
-
-def channel_mask(active, size: int, dtype=jnp.float32) -> jax.Array:
-  """A [size] prefix mask with ``active`` ones; ``active=None`` means all."""
-  if active is None:
-    return jnp.ones((size,), dtype)
-  return (jnp.arange(size) < active).astype(dtype)
-
-
-def lookup(value, keys: Sequence[int], outs: Sequence[int]):
-  """Maps a (traced or concrete) int ``value`` in ``keys`` to ``outs`` without Python branching."""
-  xp = jnp if isinstance(value, jax.Array) else np
-  keys_arr, outs_arr = xp.asarray(keys), xp.asarray(outs)
-  return (xp.where(xp.asarray(value)[..., None] == keys_arr, outs_arr, 0)).sum(-1)
-
-
-def h_sigmoid(x):
-  return jax.nn.relu6(x + 3.0) / 6.0
-
-
-def h_swish(x):
-  return x * h_sigmoid(x)
-
-
-ACTIVATIONS = {"relu": jax.nn.relu, "relu6": jax.nn.relu6, "h_swish": h_swish,
-               "identity": lambda x: x}
-
-
-def conv_output_size(size: int, kernel: int, stride: int) -> int:
-  """Spatial size after a conv with OFA's symmetric 'same' padding of ``kernel // 2``."""
-  return (size + 2 * (kernel // 2) - kernel) // stride + 1
-
-
-# --------------------------------------------------------------------------- convolutions
-
-
-def conv2d(x, kernel, stride: int = 1):
-  """Regular conv, NHWC/HWIO, symmetric padding k//2 as PyTorch/OFA pad (so imported weights
-  see the same pixels)."""
-  k = kernel.shape[0]
-  if k == 1 and stride == 1:
-    return jnp.einsum("nhwi,io->nhwo", x, kernel[0, 0])
-  p = k // 2
-  return lax.conv_general_dilated(x, kernel, (stride, stride), ((p, p), (p, p)),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def depthwise_conv2d(x, kernel, stride: int = 1, impl: str = "shift"):
-  """Depthwise conv with kernel [k, k, 1, C] and symmetric padding k//2.
-
-  ``impl="shift"`` sums k*k shifted multiply-adds (DESIGN.md: 12x faster forward than XLA's
-  grouped convolution on CPU); ``impl="xla"`` uses ``lax.conv_general_dilated`` with
-  ``feature_group_count=C`` (cuDNN's depthwise path on GPU).
-  """
-  k = kernel.shape[0]
-  p = k // 2
-  if impl == "xla":
-    return lax.conv_general_dilated(x, kernel, (stride, stride), ((p, p), (p, p)),
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    feature_group_count=x.shape[-1])
-  if impl != "shift":
-    raise ValueError(f"depthwise impl must be 'shift' or 'xla', got {impl!r}")
-  return _shift_depthwise(x, kernel, stride)
-
-
-def _shift_taps(xp, kernel, stride: int, ho: int, wo: int):
-  """sum_ij xp[:, i::stride, j::stride, :] * kernel[i, j, 0], on a pre-padded input."""
-  k = kernel.shape[0]
-  out = None
-  for i in range(k):
-    for j in range(k):
-      tap = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-      term = tap * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
-
-
-# A hand-written VJP: autodiff of the 49 shifted slices gives 49 pad ops into which XLA:CPU
-# copies the whole upstream chain (conv, BN, activation), recomputing it per tap; the masked
-# supernet's forward+backward then ran ~3x slower than the dense net's. Here the input gradient
-# is one shift correlation of the dilated output gradient with the flipped kernel.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _shift_depthwise(x, kernel, stride: int):
-  k, p = kernel.shape[0], kernel.shape[0] // 2
-  ho, wo = conv_output_size(x.shape[1], k, stride), conv_output_size(x.shape[2], k, stride)
-  return _shift_taps(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))), kernel, stride, ho, wo)
-
-
-def _shift_depthwise_fwd(x, kernel, stride):
-  return _shift_depthwise(x, kernel, stride), (x, kernel)
-
-
-def _shift_depthwise_bwd(stride, residuals, g):
-  x, kernel = residuals
-  k, p = kernel.shape[0], kernel.shape[0] // 2
-  h, w = x.shape[1], x.shape[2]
-  ho, wo = g.shape[1], g.shape[2]
-  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-  # dx[v] = sum_t dilated(g)[v + p - t] * kernel[t]: pad the dilated gradient by k-1-p = p on
-  # the low side and enough on the high side to give back h x w, then correlate with the flip.
-  g_dilated = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), (p, h - span_h + p, stride - 1),
-                                                  (p, w - span_w + p, stride - 1), (0, 0, 0)])
-  dx = _shift_taps(g_dilated, kernel[::-1, ::-1], 1, h, w)
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  dk = jnp.stack([jnp.sum(xp[:, i:i + span_h:stride, j:j + span_w:stride, :] * g, axis=(0, 1, 2))
-                  for i in range(k) for j in range(k)])
-  return dx, dk.reshape(kernel.shape)
-
-
-_shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
-
-
-# OFA's initialisation ("he_fout"): convs (SE's 1x1 convs too) N(0, 2 / (k*k*out)), biases zero;
-# linear layers U(-1/sqrt(in), 1/sqrt(in)). Untruncated normals also compile faster than
-# truncated ones, which matters with ~100 parameters per supernet.
-CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-
+from ofajax.layers.common import ACTIVATIONS, CONV_INIT, channel_mask, h_sigmoid, make_divisible
+from ofajax.layers.conv import conv2d, depthwise_conv2d, spatial_taps
+from ofajax.layers.stats import slice_bn
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -196,41 +65,42 @@ class ElasticBatchNorm(nn.Module):
 # --------------------------------------------------------------------------- conv + bn + act
 
 
-class ElasticConvBN(nn.Module):
-  """Conv (k x k) -> BN -> activation with an elastic number of output channels."""
+class _ConvBNBase(nn.Module):
+  """Conv (k x k) -> BN -> activation: the fields and the conv both twins share."""
   features: int
   kernel_size: int = 1
   stride: int = 1
   act: str = "relu"
 
-  @nn.compact
-  def __call__(self, x, train: bool, out_active=None):
+  def _conv(self, x):
     kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size, x.shape[-1],
                                                  self.features))
+    return conv2d(x, kernel, self.stride)
+
+
+class ElasticConvBN(_ConvBNBase):
+  """Conv (k x k) -> BN -> activation with an elastic number of output channels."""
+
+  @nn.compact
+  def __call__(self, x, train: bool, out_active=None):
     mask = channel_mask(out_active, self.features)
-    y = conv2d(x, kernel, self.stride)
-    y = ElasticBatchNorm(name="bn")(y, train, mask)
+    y = ElasticBatchNorm(name="bn")(self._conv(x), train, mask)
     return ACTIVATIONS[self.act](y)  # every activation here maps 0 to 0, so no second mask
 
   @staticmethod
   def slice_variables(tree, in_active: int, out_active: int):
+    """This layer's params cut to ``in_active`` inputs and ``out_active`` outputs."""
     return {"kernel": tree["kernel"][:, :, :in_active, :out_active],
-            "bn": {k: v[:out_active] for k, v in tree["bn"].items()}}
+            "bn": slice_bn(tree["bn"], out_active)}
 
 
-class ConvBN(nn.Module):
+class ConvBN(_ConvBNBase):
   """Dense twin of :class:`ElasticConvBN`."""
-  features: int
-  kernel_size: int = 1
-  stride: int = 1
-  act: str = "relu"
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size, x.shape[-1],
-                                                 self.features))
-    y = conv2d(x, kernel, self.stride)
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(y)
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     name="bn")(self._conv(x))
     return ACTIVATIONS[self.act](y)
 
 
@@ -433,35 +303,20 @@ class ElasticMBConv(nn.Module):
     y = ElasticConvBN(self.out_channels, act="identity", name="project")(y, train, out_active)
     return x + y if self.residual else y
 
-  def slice_variables(self, variables: dict, spec: BlockSpec) -> dict:
-    """Slices this block's {'params': ..., 'batch_stats': ...} down to ``spec``'s sizes."""
-    p, bs = variables["params"], variables["batch_stats"]
+  def slice_variables(self, params: dict, spec: BlockSpec) -> dict:
+    """This block's params cut to ``spec``'s sizes (kernel transforms baked in); the batch
+    statistics follow with :func:`ofajax.layers.stats.with_stats`."""
     mid, out, cin = spec.mid_channels, spec.out_channels, spec.in_channels
-    params, stats = {}, {}
+    sliced = {}
     if spec.has_expand:
-      params["expand"] = ElasticConvBN.slice_variables(p["expand"], cin, mid)
-      stats["expand"] = {"bn": {k: v[:mid] for k, v in bs["expand"]["bn"].items()}}
-    params["depthwise"] = ElasticDepthwiseConv.slice_variables(
-        p["depthwise"], mid, spec.kernel_size, self.kernel_choices)
-    params["depthwise_bn"] = {k: v[:mid] for k, v in p["depthwise_bn"].items()}
-    stats["depthwise_bn"] = {k: v[:mid] for k, v in bs["depthwise_bn"].items()}
+      sliced["expand"] = ElasticConvBN.slice_variables(params["expand"], cin, mid)
+    sliced["depthwise"] = ElasticDepthwiseConv.slice_variables(
+        params["depthwise"], mid, spec.kernel_size, self.kernel_choices)
+    sliced["depthwise_bn"] = slice_bn(params["depthwise_bn"], mid)
     if spec.use_se:
-      params["se"] = ElasticSqueezeExcite.slice_variables(p["se"], mid)
-    params["project"] = ElasticConvBN.slice_variables(p["project"], mid, out)
-    stats["project"] = {"bn": {k: v[:out] for k, v in bs["project"]["bn"].items()}}
-    return {"params": params, "batch_stats": stats}
-
-
-def spatial_taps(size: int, kernel, stride: int, exclude_padding: bool = False):
-  """Multiply-adds per channel pair of a k x k conv on a size x size input: output positions x
-  taps. OFA counts every tap; XLA's cost analysis skips taps that land on the zero padding
-  (``exclude_padding=True``, static ints only)."""
-  out = (size - 1) // stride + 1  # conv_output_size for any odd kernel with pad k // 2
-  if not exclude_padding:
-    return out * out * kernel * kernel
-  pad = kernel // 2
-  per_axis = sum(1 for o in range(out) for t in range(kernel) if 0 <= o * stride - pad + t < size)
-  return per_axis * per_axis
+      sliced["se"] = ElasticSqueezeExcite.slice_variables(params["se"], mid)
+    sliced["project"] = ElasticConvBN.slice_variables(params["project"], mid, out)
+    return sliced
 
 
 def mbconv_cost(spec: Any, hw: int, exclude_padding: bool = False):

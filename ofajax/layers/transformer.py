@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ofajax.layers import channel_mask
+from ofajax.layers.common import channel_mask
+from ofajax.layers.gating import gated
 
 DEPTH_RULES = ("first", "spread")
 # BERT's initializer: truncated normal with std 0.02 for every weight matrix and embedding. It
@@ -155,37 +156,32 @@ class LayerSpec(NamedTuple):
   ffn: int
 
 
-def run_layers(parent: nn.Module, x, key_mask, train: bool, layer_kwargs: dict, *,
-               num_layers: int, num_heads: int, ffn_dim: int, arch=None, keep=None,
-               head_scale=None, specs: Sequence[LayerSpec] = (), hidden: list | None = None):
+def run_layers(x, key_mask, train: bool, layer_kwargs: dict, *, num_layers: int,
+               num_heads: int, ffn_dim: int, arch=None, keep=None, head_scale=None,
+               specs: Sequence[LayerSpec] = (), hidden: list | None = None):
   """The encoder stack of a supernet (``arch`` given) or of a dense subnet (``specs``).
 
-  Must be called inside ``parent``'s compact ``__call__``. Supernet layers are ``layer{i}``; a
-  layer that ``keep`` drops is skipped with ``nn.cond`` (no compute, forward or backward);
-  initialisation and importance measurement (``head_scale``) run every layer and select.
+  Must be called inside a module's compact ``__call__`` (the layers become its children).
+  Supernet layers are ``layer{i}``; a layer that ``keep`` drops is skipped with
+  :func:`ofajax.layers.gating.gated` (no compute, forward or backward); importance measurement
+  (``head_scale``) runs every layer and selects, so that every layer's heads get a gradient.
   ``hidden`` collects each layer's output (a dropped layer passes its input on).
   """
+  kwargs = {k: v for k, v in layer_kwargs.items() if k != "head_dim"}
+  head_dim = layer_kwargs["head_dim"]
   if arch is None:
     for spec in specs:
-      x = EncoderLayer(spec.heads, layer_kwargs["head_dim"], spec.ffn,
-                       **{k: v for k, v in layer_kwargs.items() if k != "head_dim"},
-                       name=spec.name)(x, key_mask, train)
+      x = EncoderLayer(spec.heads, head_dim, spec.ffn, **kwargs, name=spec.name)(x, key_mask,
+                                                                                  train)
       if hidden is not None:
         hidden.append(x)
     return x
   for i in range(num_layers):
-    layer = EncoderLayer(num_heads, layer_kwargs["head_dim"], ffn_dim,
-                         **{k: v for k, v in layer_kwargs.items() if k != "head_dim"},
-                         name=f"layer{i}")
+    layer = EncoderLayer(num_heads, head_dim, ffn_dim, **kwargs, name=f"layer{i}")
     scale = None if head_scale is None else head_scale[i]
-    heads, ffn = arch["heads"][i], arch["ffn"][i]
-    if parent.is_initializing() or scale is not None:
-      y = layer(x, key_mask, train, heads, ffn, scale)
-      x = jnp.where(keep[i] > 0, y, x)
-    else:
-      x = nn.cond(keep[i] > 0,
-                  lambda mdl, x, h, f: mdl(x, key_mask, train, h, f),
-                  lambda mdl, x, h, f: x, layer, x, heads, ffn)
+    x = gated(keep[i] > 0, layer, x, arch["heads"][i], arch["ffn"][i], scale,
+              call=lambda mdl, x, h, f, s: mdl(x, key_mask, train, h, f, s),
+              select=scale is not None)
     if hidden is not None:
       hidden.append(x)
   return x
