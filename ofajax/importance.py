@@ -82,7 +82,7 @@ def _batch_importance_fn(model, num_layers: int):
 def measure(model, variables: dict, batches: Iterable[Mapping], arch=None) -> dict:
   """``{"heads": float32 [L, H], "ffn": float32 [L, F]}`` summed over ``batches``.
 
-  ``batches``: an iterable of ``{"image": inputs, "label": int labels}`` (``"mask"``, if
+  ``batches``: an iterable of ``{"inputs": inputs, "label": int labels}`` (``"mask"``, if
   present, weights the examples, so padded eval batches count only their real examples).
   ``arch`` defaults to the largest; at a smaller arch, heads and neurons it does not run get
   importance 0. One compiled gradient function serves every batch of the same shape.
@@ -97,12 +97,12 @@ def measure(model, variables: dict, batches: Iterable[Mapping], arch=None) -> di
   ffn = np.zeros((num_layers, model.ffn_dim), np.float32)
   count = 0
   for batch in batches:
-    if "image" not in batch or "label" not in batch:
-      raise ValueError(f"a batch needs 'image' and 'label', got keys {sorted(batch)}")
+    if "inputs" not in batch or "label" not in batch:
+      raise ValueError(f"a batch needs 'inputs' and 'label', got keys {sorted(batch)}")
     labels = jnp.asarray(batch["label"])
     mask = batch.get("mask")
     mask = None if mask is None else jnp.asarray(mask, jnp.float32)
-    h, f = batch_importance(params, rest, jnp.asarray(batch["image"]), labels, mask, arch)
+    h, f = batch_importance(params, rest, jnp.asarray(batch["inputs"]), labels, mask, arch)
     heads += np.asarray(h, np.float32)
     ffn += np.asarray(f, np.float32)
     count += 1

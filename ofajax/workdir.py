@@ -179,8 +179,8 @@ def build_model(config) -> tuple:
 
 
 @dataclasses.dataclass
-class Supernet:
-  """A trained supernet read back from a workdir."""
+class TrainedSupernet:
+  """A trained supernet read back from a workdir (the model meets ``ofajax.models.Supernet``)."""
   config: ml_collections.ConfigDict   # the training config
   model: object
   space: object
@@ -229,7 +229,7 @@ def _check_fits(config, model, space, stored, where: str) -> None:
             "copied from another workdir?")
 
 
-def load_supernet(workdir: str, step: int | None = None, sharding=None) -> Supernet:
+def load_supernet(workdir: str, step: int | None = None, sharding=None) -> TrainedSupernet:
   """Reads config.json and the latest (or ``step``'s) checkpoint of a training workdir: only
   the parameters and BN statistics, restored into ``sharding`` when given."""
   config = read_config(workdir)
@@ -244,4 +244,4 @@ def load_supernet(workdir: str, step: int | None = None, sharding=None) -> Super
   finally:
     ckpt.close()
   variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
-  return Supernet(config, model, space, variables, int(step), workdir)
+  return TrainedSupernet(config, model, space, variables, int(step), workdir)

@@ -28,7 +28,7 @@ def _batches(model, resolution, n=2, batch=6):
       x[:, -3:] = model.pad_id   # some padding, which the attention must ignore
     else:
       x = rng.standard_normal((batch, resolution, resolution, model.in_channels), np.float32)
-    out.append({"image": x, "label": rng.integers(0, model.num_classes, (batch,), np.int32)})
+    out.append({"inputs": x, "label": rng.integers(0, model.num_classes, (batch,), np.int32)})
   return out
 
 
@@ -54,8 +54,8 @@ def test_reorder_keeps_the_full_network(setup):
   moved = new["params"]["layer0"]["ffn"]["fc1"]["kernel"]
   assert not np.allclose(moved, variables["params"]["layer0"]["ffn"]["fc1"]["kernel"])
   for batch in batches:
-    before = forward(variables, batch["image"])
-    after = forward(new, batch["image"])
+    before = forward(variables, batch["inputs"])
+    after = forward(new, batch["inputs"])
     assert float(jnp.max(jnp.abs(before))) > 1e-3
     assert rel_err(after, before) <= 1e-5
 

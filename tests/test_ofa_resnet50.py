@@ -145,7 +145,11 @@ def test_bn_calibration_through_gated_blocks(tiny):
   """calibrate_bn runs through the depth-gated blocks and the optional stem conv: for every layer
   a subnet executes, its calibrated statistics are the batch moments a train-mode step of that
   subnet uses (recovered from the momentum update)."""
-  model, space, x, variables = tiny
+  model, space, _, variables = tiny
+  # 16 images, not the fixture's 2: at the last stage (2x2 pixels) a batch of 2 gives BN 8
+  # values per channel, and normalising by so small a variance amplifies float32 rounding
+  # differences between the two (equally valid) compiled paths past any tolerance.
+  x = jax.random.normal(jax.random.key(1), (16, 28, 28, 1))
 
   @jax.jit
   def calibrate_and_train(variables, arch):  # one compile serves both archs

@@ -31,7 +31,7 @@ from ofajax.search import evolution, pareto
 from ofajax.search.greedy import greedy_search
 from ofajax.search.latency import LatencyTable
 from ofajax.search.predictor import fit_and_report
-from ofajax.workdir import Supernet, load_supernet
+from ofajax.workdir import TrainedSupernet, load_supernet
 
 
 def run_search(config, workdir: str) -> dict:
@@ -81,7 +81,7 @@ def _targets(config, largest_macs: int) -> list[float]:
   return sorted(float(f) * largest_macs for f in config.target_fractions)
 
 
-def _resolution(config, sup: Supernet) -> int:
+def _resolution(config, sup: TrainedSupernet) -> int:
   return int(config.resolution or sup.config.resolution)
 
 
@@ -97,7 +97,7 @@ def _output_dir(config, workdir: str) -> str:
 # --------------------------------------------------------------------------- builders
 
 
-def search_evaluator(config, sup: Supernet, split: str) -> evaluation.Evaluator:
+def search_evaluator(config, sup: TrainedSupernet, split: str) -> evaluation.Evaluator:
   """The engine scoring ``sup``'s archs on ``split`` of its training data set, calibrating BN on
   ``config.calib_batches`` batches of ``config.calib_split`` (seed ``config.seed + 1``). Every
   split is read in batches of ``config.valid_batch_size``: a test split of the validation
@@ -119,7 +119,7 @@ class Scorer:
   params, [latency_ms], top1, loss}``: what result.json lists as "evaluated".
   """
 
-  def __init__(self, sup: Supernet, evaluator: evaluation.Evaluator, resolution: int,
+  def __init__(self, sup: TrainedSupernet, evaluator: evaluation.Evaluator, resolution: int,
                latency_table: LatencyTable | None = None):
     self.space, self.model = sup.space, sup.model
     self.evaluator, self.resolution, self.latency_table = evaluator, resolution, latency_table
@@ -148,7 +148,7 @@ class Scorer:
     return [{k: self.measured[space.name(a)][k] for k in ("top1", "loss")} for a in archs]
 
 
-def _header(config, sup: Supernet, scorer: Scorer, latency_report) -> dict:
+def _header(config, sup: TrainedSupernet, scorer: Scorer, latency_report) -> dict:
   """result.json's description of the job, with the MACs targets; raises if the smallest target
   is below the smallest subnet (no method could reach it)."""
   space = sup.space
@@ -252,7 +252,7 @@ def _public(record: dict) -> dict:
   return out
 
 
-def _chosen_rows(config, sup: Supernet, scorer: Scorer, chosen: list, out_dir: str,
+def _chosen_rows(config, sup: TrainedSupernet, scorer: Scorer, chosen: list, out_dir: str,
                  is_main: bool) -> list[dict]:
   """result.json's "chosen": a row per target, with its test top-1 (``config.report_test``)
   and the directory of its exported subnet (``config.export``)."""
@@ -269,14 +269,14 @@ def _chosen_rows(config, sup: Supernet, scorer: Scorer, chosen: list, out_dir: s
   return rows
 
 
-def _test_top1(config, sup: Supernet, chosen: list) -> dict:
+def _test_top1(config, sup: TrainedSupernet, chosen: list) -> dict:
   """{name: test top-1} of the chosen archs, calibrated like validation: reported only."""
   split = config.test_split or sup.config.get("test_split", "test")
   scores = search_evaluator(config, sup, split)([r["arch"] for _, r in chosen])
   return {sup.space.name(r["arch"]): s["top1"] for (_, r), s in zip(chosen, scores)}
 
 
-def _export(out_dir: str, label: str, sup: Supernet, evaluator: evaluation.Evaluator,
+def _export(out_dir: str, label: str, sup: TrainedSupernet, evaluator: evaluation.Evaluator,
             record: dict, resolution: int) -> str:
   """Writes one chosen subnet: variables (orbax), StableHLO, arch JSON, summary."""
   path = os.path.join(out_dir, "subnets", label)
