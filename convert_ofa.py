@@ -15,7 +15,7 @@ import os
 from absl import app, flags
 
 from configs import ofa_pretrained
-from ofajax import cost, models
+from ofajax import cost, errors, models
 from ofajax.convert import net_config as net_config_lib
 from ofajax.convert import ofa_torch
 from ofajax.convert.workdir import write_workdir
@@ -75,4 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

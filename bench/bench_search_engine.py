@@ -25,7 +25,7 @@ from configs.search import common
 from ofajax import data, models
 from ofajax.evaluation import Evaluator
 from ofajax.search.run import search_evaluator
-from ofajax.workdir import Supernet, load_supernet
+from ofajax.workdir import TrainedSupernet, load_supernet
 
 
 def main():
@@ -51,7 +51,7 @@ def main():
     variables = models.init(model, jax.random.key(0),
                             models.sample_input(model, train_config.resolution))
   # Calibration and validation batches as search reads them, shared by every side.
-  sup = Supernet(train_config, model, space, variables, 0, args.workdir)
+  sup = TrainedSupernet(train_config, model, space, variables, 0, args.workdir)
   search_data = search_evaluator(search_config, sup, search_config.valid_split)
   rng = np.random.default_rng(0)
   archs = [space.random_host(rng) for _ in range(args.num_archs)]
