@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -384,6 +385,8 @@ class ElasticMBConv(nn.Module):
                        f"({x.shape[-1]})")
     if self.execution == "masked":
       return self._body(x, train, None, mid_active, kernel_size, out_active)
+    if os.environ.get('EXP') == 'E2':
+      return self._body2(x, train, mid_active, kernel_size, out_active)
     mids = sorted(set(self.mid_choices) | {self.mid_channels})
     if mid_active is None or len(mids) == 1 or self.is_initializing():
       # One static width. At init this declares every parameter at its full shape (the
@@ -392,6 +395,21 @@ class ElasticMBConv(nn.Module):
     branches = [functools.partial(_mid_branch, width=m, train=train) for m in mids]
     index = jnp.searchsorted(jnp.asarray(mids), mid_active)
     return nn.switch(index, branches, self, x, kernel_size, out_active)
+
+  def _body2(self, x, train, mid_active, kernel_size, out_active):
+    mid = self.mid_channels
+    y = x
+    if self.has_expand:
+      y = ElasticConvBN(mid, act=self.act, name="expand")(y, train, mid_active)
+    y = ElasticDepthwiseConv(self.kernel_choices, self.stride, self.kernel_transform,
+                             self.depthwise_impl, features=mid, kernel_branches=True,
+                             name="depthwise")(y, kernel_size)
+    mid_mask = channel_mask(mid_active, mid)
+    y = ACTIVATIONS[self.act](ElasticBatchNorm(features=mid, name="depthwise_bn")(y, train, mid_mask))
+    if self.use_se:
+      y = ElasticSqueezeExcite(features=mid, name="se")(y, mid_active)
+    y = ElasticConvBN(self.out_channels, act="identity", in_features=mid, name="project")(y, train, out_active)
+    return x + y if self.residual else y
 
   def _body(self, x, train: bool, width: int | None, mid_active, kernel_size, out_active):
     """The block at the static middle width ``width`` (active execution), or at full width
@@ -403,7 +421,7 @@ class ElasticMBConv(nn.Module):
       y = ElasticConvBN(mid, act=self.act, name="expand")(
           y, train, mid_active if masked else None, out_width=width)
     y = ElasticDepthwiseConv(self.kernel_choices, self.stride, self.kernel_transform,
-                             self.depthwise_impl, features=mid, kernel_branches=not masked,
+                             self.depthwise_impl, features=mid, kernel_branches=(not masked) if os.environ.get('EXP') != 'E1' else False,
                              name="depthwise")(y, kernel_size)
     mid_mask = channel_mask(mid_active, mid) if masked else None
     y = ACTIVATIONS[self.act](ElasticBatchNorm(features=mid, name="depthwise_bn")(
