@@ -118,10 +118,7 @@ class Evaluator:
                        f"({archs_per_call})")
     if num_examples <= 0:
       raise ValueError("the evaluation split is empty")
-    # Under vmap (archs side by side) branches become selects that compute every branch, so
-    # vmapped groups run the masked twin; one arch per call keeps the model's own mode.
-    self.model = model.with_execution("masked") if archs_per_call > 1 else model
-    self.variables = variables
+    self.model, self.variables = model, variables
     self.calib_inputs, self.eval_batches, self.num_examples = calib_inputs, eval_batches, num_examples
     self.chunk_size, self.archs_per_call = chunk_size, archs_per_call
     self.num_evaluated = self.num_calls = 0

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
-from ofajax.layers.cnn import EXECUTIONS, check_execution
-
 if TYPE_CHECKING:
   from ofajax.space import SearchSpace
 
@@ -89,17 +87,5 @@ class Supernet(Protocol):
     """Analytic (MACs, params) of ``arch`` at ``resolution`` (OFA's counting convention);
     a traced arch gives traced numbers."""
 
-  def with_execution(self, mode: str) -> Supernet:
-    """This supernet computing in ``mode`` (one of ``EXECUTIONS``), same variables, same
-    numbers: "masked" runs every layer at its largest size and zeroes inactive channels (the
-    reference; what vmapped callers want, since branches become selects under vmap), "active"
-    runs only the subnet's sizes. A supernet without an active mode returns itself."""
 
-
-def masked_only(model, mode: str):
-  """``with_execution`` of a supernet that only masks: checks ``mode`` and returns ``model``."""
-  check_execution(mode)
-  return model
-
-
-__all__ = ["EXECUTIONS", "INPUT_KINDS", "InputSpec", "Supernet", "check_channels", "masked_only"]
+__all__ = ["INPUT_KINDS", "InputSpec", "Supernet", "check_channels"]

@@ -14,7 +14,6 @@ import numpy as np
 
 from ofajax.layers import transformer
 from ofajax.layers.stats import with_stats
-from ofajax.models.base import masked_only
 from ofajax.space import Leaf, SearchSpace
 
 
@@ -112,9 +111,6 @@ class ElasticEncoderMixin:
       params[spec.name] = transformer.slice_layer(variables["params"][spec.name], spec.heads,
                                                   spec.ffn)
     return with_stats(variables, params)   # no BatchNorm: empty statistics
-
-  def with_execution(self, mode: str):
-    return masked_only(self, mode)  # no active-size execution for this supernet yet
 
   # ------------------------------------------------------------------ cost
   def cost(self, arch, resolution: int):

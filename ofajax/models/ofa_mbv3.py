@@ -9,13 +9,6 @@ and the classifier. Widths are ``make_divisible(base * width_mult, 8)``; a block
 is ``make_divisible(round(in * expand), 8)`` and its SE width ``make_divisible(mid // 4, 8)``.
 
 The arch is ``{"depth": int32[5], "kernel": int32[5, 4], "expand": int32[5, 4]}``.
-
-``execution``: "masked" (the reference) runs every block at its largest size and zeroes what the
-subnet does not use; "active" runs each block at its active middle width and kernel size through
-static branches (``ofajax.layers.ElasticMBConv``), with the same parameters and numbers. Under
-``vmap`` branches turn into selects that compute every branch, so vmapped callers (the
-evaluation engine with ``archs_per_call > 1``) take :meth:`OFAMobileNetV3.with_execution`
-``("masked")``.
 """
 
 from __future__ import annotations
@@ -28,7 +21,6 @@ import numpy as np
 
 from ofajax import layers
 from ofajax.layers import BlockSpec, ElasticMBConv, make_divisible
-from ofajax.layers.cnn import check_execution
 from ofajax.layers.gating import gated
 from ofajax.layers.stats import with_stats
 from ofajax.models.base import InputSpec, check_channels
@@ -57,14 +49,6 @@ class OFAMobileNetV3(nn.Module):
   kernel_transform: bool = True
   depthwise_impl: str = "shift"
   resolutions: Sequence[int] = tuple(range(128, 225, 4))
-  execution: str = "masked"  # or "active": see the module docstring
-
-  def __post_init__(self):
-    check_execution(self.execution)
-    super().__post_init__()
-
-  def with_execution(self, mode: str) -> "OFAMobileNetV3":
-    return self.clone(execution=check_execution(mode))
 
   @property
   def input_spec(self) -> InputSpec:
@@ -119,14 +103,12 @@ class OFAMobileNetV3(nn.Module):
     x = layers.ElasticConvBN(widths[0], 3, self.stem_stride, "h_swish", name="stem")(x, train)
     x = ElasticMBConv(widths[0], widths[1], (3,), self.strides[0], self.acts[0], self.use_se[0],
                       has_expand=False, residual=self.strides[0] == 1 and widths[0] == widths[1],
-                      depthwise_impl=self.depthwise_impl, execution=self.execution,
-                      name="first_block")(x, train)
+                      depthwise_impl=self.depthwise_impl, name="first_block")(x, train)
     for s, i, cin, cout, stride, act, se, residual, mids in self._stage_blocks():
       block = ElasticMBConv(max(mids), cout, tuple(self.kernel_choices), stride, act, se,
                             has_expand=True, residual=residual,
                             kernel_transform=self.kernel_transform,
-                            depthwise_impl=self.depthwise_impl, mid_choices=tuple(mids),
-                            execution=self.execution, name=f"stage{s}_block{i}")
+                            depthwise_impl=self.depthwise_impl, name=f"stage{s}_block{i}")
       if i == 0:  # the first block of a stage always runs (it changes width / resolution)
         x = block(x, train, mid_active=layers.lookup(arch["expand"][s, i], self.expand_choices,
                                                      mids),

@@ -46,7 +46,7 @@ from ofajax.layers.gating import gated
 from ofajax.layers.resnet import (BottleneckSpec, ElasticBottleneck, ElasticResidualConv,
                                   max_pool_3x3_s2)
 from ofajax.layers.stats import with_stats
-from ofajax.models.base import InputSpec, check_channels, masked_only
+from ofajax.models.base import InputSpec, check_channels
 from ofajax.models.resnet import ResNet, resnet_cost
 from ofajax.space import Leaf, SearchSpace
 
@@ -205,9 +205,6 @@ class OFAResNet50(nn.Module):
     for spec in dense.blocks:
       params[spec.name] = ElasticBottleneck.slice_variables(p[spec.name], spec)
     return with_stats(variables, params)
-
-  def with_execution(self, mode: str):
-    return masked_only(self, mode)  # no active-size execution for this supernet yet
 
   # ------------------------------------------------------------------ cost
   def cost(self, arch, resolution: int):

@@ -33,7 +33,7 @@ import numpy as np
 from ofajax import layers
 from ofajax.layers import BlockSpec, ElasticConvBN, ElasticMBConv, make_divisible
 from ofajax.layers.stats import with_stats
-from ofajax.models.base import InputSpec, check_channels, masked_only
+from ofajax.models.base import InputSpec, check_channels
 from ofajax.models.mobilenet import MobileNet, mobilenet_cost
 from ofajax.space import Leaf, SearchSpace
 
@@ -205,9 +205,6 @@ class SlimMobileNetV2(nn.Module):
                             use_se=False, parent=None)
       params[b.name] = block.slice_variables(p[b.name], spec)
     return with_stats(variables, params)
-
-  def with_execution(self, mode: str):
-    return masked_only(self, mode)  # no active-size execution for this supernet yet
 
   # ------------------------------------------------------------------ cost
   def cost(self, arch, resolution: int):
