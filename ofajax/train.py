@@ -427,8 +427,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
              ckpt, is_main)
 
 
-def _log(run: Run, writer: MetricsWriter, done: int, phase: Phase, metrics) -> None:
-  """Writes one metrics record; a non-finite loss stops the job, saving nothing."""
+def _log(run: Run, writer: MetricsWriter, done: int, phase: Phase, metrics) -> dict:
+  """Writes one metrics record and returns it (host floats); a non-finite loss stops the job,
+  saving nothing."""
   host = {k: float(v) for k, v in jax.device_get(metrics).items()}
   if not all(math.isfinite(v) for v in host.values()):
     run.ckpt.wait()
@@ -438,6 +439,7 @@ def _log(run: Run, writer: MetricsWriter, done: int, phase: Phase, metrics) -> N
         f"{run.ckpt.directory}. Lower config.learning_rate or set config.grad_clip_norm.")
   writer.write(done, {"phase": phase.name, "learning_rate": float(run.schedule(done - 1)),
                       **host})
+  return host
 
 
 def train_loop(run: Run) -> bool:
@@ -467,8 +469,8 @@ def train_loop(run: Run) -> bool:
       checkpoint_now = (done % config.checkpoint_every_steps == 0 or done in (stop, total)
                         or preempted)
       if done % config.log_every_steps == 0 or checkpoint_now:
-        _log(run, writer, done, run.phases[index], metrics)
-        progress.update(done, f"{run.phases[index].name} loss {float(metrics['loss']):.4f}")
+        host = _log(run, writer, done, run.phases[index], metrics)
+        progress.update(done, f"{run.phases[index].name} loss {host['loss']:.4f}")
       if checkpoint_now:
         run.ckpt.save(done, run.state, {"step": done, "phase": run.phases[index].name})
       if preempted:
