@@ -1,10 +1,12 @@
-"""Cost of the sandwich train step: n=4 subnets in one step against 4x a single-subnet step.
+"""Train-step cost per execution mode: masked (every layer at its largest size) against active
+(each elastic block computes only its active subnet).
 
-One jitted step runs 4 subnets (largest, smallest, 2 random; in-place distillation) and applies
-one update. The reference is the same train step restricted to the largest arch with one subnet
-(plain supervised training of the full net), called 4 times. Ratio < 1 means the shared step
-costs less than 4 separate ones (skipped blocks cost nothing under lax.cond; the smallest and
-random subnets are shallower). Also prints examples/s of the sandwich step.
+For each mode three jitted steps are compiled and timed: plain training of the largest subnet,
+of the smallest subnet, and the sandwich step (largest, smallest, 2 random; in-place
+distillation). Rounds are interleaved (every step of every mode once per round), so machine noise
+hits all of them alike; the table gives medians, compile times, and two shape ratios: sandwich /
+largest (PyTorch OFA: 1.7x, issue 13) and the smallest step's share of the largest's time against
+its share of the MACs (1.0 means compute follows MACs exactly).
 
     PYTHONPATH=. python bench/bench_train_step.py                 # default config (tiny, 28x28)
     PYTHONPATH=. python bench/bench_train_step.py --model ofa_mbv3 --resolution 128 --batch 32
@@ -26,30 +28,34 @@ import numpy as np
 from configs import default
 from ofajax import models
 from ofajax import train as training
+from ofajax import workdir as workdir_lib
+
+STEPS = ("largest", "smallest", "sandwich4")
 
 
-def build(config, model, space, num_subnets: int, restrict: dict, batch: int, resolution: int,
-          channels: int):
+def build(config, model, space, num_subnets: int, restrict: dict, batch: int, resolution: int):
+  """A zero-argument callable running one train step, and its compile time in seconds."""
   phase = training.Phase(ml_collections.ConfigDict({
       "name": "bench", "epochs": 1, "learning_rate": 0.01, "num_subnets": num_subnets,
-      "sampling": "sandwich" if num_subnets > 1 else "random", "restrict": restrict}), 0, space, 1000)
-  x = jax.random.normal(jax.random.key(0), (batch, resolution, resolution, channels))
+      "sampling": "sandwich" if num_subnets > 1 else "random", "restrict": restrict}), 0, space,
+      1000)
+  x = models.sample_input(model, resolution, batch) * jax.random.normal(
+      jax.random.key(0), (batch, resolution, resolution, 1))
   y = jnp.arange(batch) % model.num_classes
-  state, tx = training.init_state(model, config, lambda p: training.make_optimizer(
+  state, tx = workdir_lib.init_state(model, config.seed, lambda p: training.make_optimizer(
       config, training.make_schedule([phase]), p), x[:1])
   step = training.make_train_step(model, space, config, tx, num_subnets)
   data = phase.as_data()
   t0 = time.perf_counter()
   compiled = step.lower(state, x, y, data, resolution=resolution).compile()
   compile_s = time.perf_counter() - t0
-  state, m = compiled(state, x, y, data)  # warm-up
-  jax.block_until_ready(m)
   box = {"state": state}
 
   def call():
     box["state"], metrics = compiled(box["state"], x, y, data)
     jax.block_until_ready(metrics)
 
+  call()  # warm-up
   return call, compile_s
 
 
@@ -58,50 +64,77 @@ def main():
   p.add_argument("--model", default="")
   p.add_argument("--resolution", type=int, default=0)
   p.add_argument("--batch", type=int, default=0)
-  p.add_argument("--repeats", type=int, default=7)
-  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                               "train_step.json"))
+  p.add_argument("--modes", default="masked,active")
+  p.add_argument("--steps", default=",".join(STEPS))
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--out", default="")
   args = p.parse_args()
   config = default.get_config()
   options = dict(config.model_options)
-  if args.model:
-    config.model = args.model
-  channels = 1 if config.model.endswith("_tiny") else 3
+  if args.model and args.model != config.model:
+    config.model, options = args.model, {}
   resolution = args.resolution or config.resolution
   batch = args.batch or config.batch_size
-  model, space = models.get(config.model, **options)
-  if model.in_channels != channels:
-    channels = model.in_channels
-  largest_only = {leaf: [int(np.max(np.asarray(v)))] for leaf, v in space.largest().items()}
-  sandwich, c4 = build(config, model, space, 4, {}, batch, resolution, channels)
-  config_single = default.get_config()
-  config_single.distill = "none"
-  single, c1 = build(config_single, model, space, 1, largest_only, batch, resolution, channels)
-  times = {"sandwich4": [], "single_x4": []}
-  for _ in range(args.repeats):  # interleaved so machine noise hits both alike
-    t0 = time.perf_counter(); sandwich(); times["sandwich4"].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for _ in range(4):
-      single()
-    times["single_x4"].append(time.perf_counter() - t0)
-  med = {k: float(np.median(v)) for k, v in times.items()}
-  ratio = med["sandwich4"] / med["single_x4"]
-  rows = [("sandwich step, 4 subnets", med["sandwich4"], batch / med["sandwich4"], c4),
-          ("4 x single-subnet step (largest)", med["single_x4"], 4 * batch / med["single_x4"], c1)]
-  print(f"{config.model} batch {batch} {resolution}x{resolution} on {jax.devices()[0].platform}, "
-        f"median of {args.repeats} interleaved rounds")
-  print(f"{'':<34}{'ms':>10}{'examples/s':>12}{'compile s':>11}")
-  for name, t, eps, c in rows:
-    print(f"{name:<34}{1000 * t:>10.1f}{eps:>12.1f}{c:>11.1f}")
-  print(f"ratio sandwich / (4 x single) = {ratio:.2f}")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  modes = args.modes.split(",")
+  steps = [s for s in STEPS if s in args.steps.split(",")]
+  plain = default.get_config()
+  plain.distill = "none"
+
+  calls, compile_s = {}, {}
+  for mode in modes:
+    options["execution"] = mode
+    model, space = models.get(config.model, **options)
+    largest = {k: [int(np.max(np.asarray(v)))] for k, v in space.largest().items()}
+    smallest = {k: [int(np.min(np.asarray(v)))] for k, v in space.smallest().items()}
+    for name, cfg, n, restrict in (("largest", plain, 1, largest),
+                                   ("smallest", plain, 1, smallest),
+                                   ("sandwich4", config, 4, {})):
+      if name not in steps:
+        continue
+      calls[mode, name], compile_s[mode, name] = build(cfg, model, space, n, restrict, batch,
+                                                       resolution)
+  macs_share = float(model.cost(space.smallest(), resolution)[0]
+                     / model.cost(space.largest(), resolution)[0])
+
+  times = {key: [] for key in calls}
+  for _ in range(args.repeats):  # interleaved rounds
+    for key, call in calls.items():
+      t0 = time.perf_counter()
+      call()
+      times[key].append(time.perf_counter() - t0)
+  med = {key: float(np.median(v)) for key, v in times.items()}
+
+  print(f"{config.model}, batch {batch}, {resolution}x{resolution}, "
+        f"{jax.devices()[0].platform}, median of {args.repeats} interleaved rounds")
+  print(f"{'step':<12}" + "".join(f"{m + ' ms':>14}{'compile s':>11}" for m in modes)
+        + (f"{'speed-up':>10}" if len(modes) == 2 else ""))
+  for name in steps:
+    row = f"{name:<12}" + "".join(f"{1000 * med[m, name]:>14.1f}{compile_s[m, name]:>11.1f}"
+                                  for m in modes)
+    if len(modes) == 2:
+      row += f"{med[modes[0], name] / med[modes[1], name]:>9.2f}x"
+    print(row)
+  shape = {}
+  for m in modes if len(steps) == len(STEPS) else ():
+    shape[m] = {"sandwich_over_largest": med[m, "sandwich4"] / med[m, "largest"],
+                "smallest_time_share": med[m, "smallest"] / med[m, "largest"]}
+    print(f"{m}: sandwich / largest = {shape[m]['sandwich_over_largest']:.2f}x; smallest takes "
+          f"{shape[m]['smallest_time_share']:.2f} of the largest's time for {macs_share:.2f} of "
+          f"its MACs ({shape[m]['smallest_time_share'] / macs_share:.2f}x its MACs share)")
+
+  out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                 f"train_step_{config.model}_{resolution}_b{batch}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
     json.dump({"model": config.model, "batch": batch, "resolution": resolution,
                "jax": jax.__version__, "device": str(jax.devices()[0]),
-               "machine": platform.machine(), "times_s": times, "median_s": med,
-               "ratio": ratio, "examples_per_s_sandwich": batch / med["sandwich4"],
-               "compile_s": {"sandwich4": c4, "single": c1}}, f, indent=1)
-  print(f"wrote {args.out}")
+               "machine": platform.machine(), "cpus": os.cpu_count(),
+               "smallest_macs_share": macs_share,
+               "median_s": {f"{m}/{n}": v for (m, n), v in med.items()},
+               "times_s": {f"{m}/{n}": v for (m, n), v in times.items()},
+               "compile_s": {f"{m}/{n}": v for (m, n), v in compile_s.items()},
+               "shape": shape}, f, indent=1)
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

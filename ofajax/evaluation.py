@@ -118,6 +118,8 @@ class Evaluator:
                        f"({archs_per_call})")
     if num_examples <= 0:
       raise ValueError("the evaluation split is empty")
+    if archs_per_call > 1:  # vmapped archs turn active execution's switches into selects
+      model = model.clone(execution="masked")
     self.model, self.variables = model, variables
     self.calib_inputs, self.eval_batches, self.num_examples = calib_inputs, eval_batches, num_examples
     self.chunk_size, self.archs_per_call = chunk_size, archs_per_call

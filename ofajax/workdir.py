@@ -171,8 +171,10 @@ def model_options(config) -> dict:
 
 
 def build_model(config) -> tuple:
-  """(model, space) that ``config`` names."""
-  return models.get(config.model, **model_options(config))
+  """(model, space) that ``config`` names, run as ``config.execution`` says (see
+  :func:`ofajax.models.with_execution`; configs without the key run "auto")."""
+  model, space = models.get(config.model, **model_options(config))
+  return models.with_execution(model, config.get("execution", "auto")), space
 
 
 # --------------------------------------------------------------------------- trained supernets

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ofajax.layers.common import ACTIVATIONS, CONV_INIT, channel_mask, h_sigmoid, make_divisible
-from ofajax.layers.conv import conv2d, depthwise_conv2d, spatial_taps
+from ofajax.layers.conv import (conv2d, crop_kernel, depthwise_conv2d, depthwise_conv2d_choice,
+                                spatial_taps)
 from ofajax.layers.stats import slice_bn
 
 
@@ -31,17 +32,23 @@ class ElasticBatchNorm(nn.Module):
   are only updated for active channels, only when ``update`` is true (a caller may freeze a
   layer's statistics) and only when "batch_stats" is mutable;
   ``ofajax.bn.calibrate_bn`` re-estimates them per subnet from the sown batch moments.
+
+  Active channels are either marked by ``mask`` (masked execution: ``x`` has all ``size``
+  channels) or are all of ``x``'s channels, a prefix of the ``size`` this layer holds
+  (active-size execution: ``x`` is narrower and only that prefix is read and updated).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
+  size: int = 0   # channels held; 0: x's channel count
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None, update=True):
+    size = self.size or x.shape[-1]
     c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (size,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (size,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((size,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((size,), jnp.float32))
     if train:
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x, axes)
@@ -51,15 +58,27 @@ class ElasticBatchNorm(nn.Module):
         keep = keep & (mask > 0)
       if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
         m = self.momentum
-        ra_mean.value = jnp.where(keep, m * ra_mean.value + (1 - m) * mean, ra_mean.value)
-        ra_var.value = jnp.where(keep, m * ra_var.value + (1 - m) * var, ra_var.value)
-      # Exact per-batch moments for ofajax.bn.calibrate_bn (a no-op unless it asks for them).
-      self.sow("bn_moments", "mean", jnp.where(keep, mean, ra_mean.value))
-      self.sow("bn_moments", "var", jnp.where(keep, var, ra_var.value))
+        ra_mean.value = _set_prefix(ra_mean.value, jnp.where(
+            keep, m * ra_mean.value[:c] + (1 - m) * mean, ra_mean.value[:c]))
+        ra_var.value = _set_prefix(ra_var.value, jnp.where(
+            keep, m * ra_var.value[:c] + (1 - m) * var, ra_var.value[:c]))
+      # Exact per-batch moments for ofajax.bn.calibrate_bn (a no-op unless it asks for them);
+      # always all ``size`` channels, so every execution sows the same tree.
+      self.sow("bn_moments", "mean", _set_prefix(ra_mean.value, jnp.where(keep, mean,
+                                                                          ra_mean.value[:c])))
+      self.sow("bn_moments", "var", _set_prefix(ra_var.value, jnp.where(keep, var,
+                                                                        ra_var.value[:c])))
     else:
-      mean, var = ra_mean.value, ra_var.value
-    y = (x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+      mean, var = ra_mean.value[:c], ra_var.value[:c]
+    y = (x - mean) * (lax.rsqrt(var + self.epsilon) * scale[:c]) + bias[:c]
     return y if mask is None else y * mask
+
+
+def _set_prefix(full, prefix):
+  """``full`` with its first ``len(prefix)`` entries replaced (``prefix`` itself when as long)."""
+  if prefix.shape[0] == full.shape[0]:
+    return prefix
+  return jnp.concatenate([prefix, full[prefix.shape[0]:]])
 
 
 # --------------------------------------------------------------------------- conv + bn + act
@@ -71,20 +90,25 @@ class _ConvBNBase(nn.Module):
   kernel_size: int = 1
   stride: int = 1
   act: str = "relu"
+  in_features: int = 0   # input channels held; 0: x's channel count
 
-  def _conv(self, x):
-    kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size, x.shape[-1],
-                                                 self.features))
-    return conv2d(x, kernel, self.stride)
+  def _conv(self, x, width=None):
+    """The conv from x's channels (a prefix of ``in_features``) to the first ``width``
+    outputs (all when None)."""
+    kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size,
+                                                 self.in_features or x.shape[-1], self.features))
+    return conv2d(x, kernel[:, :, :x.shape[-1], :width], self.stride)
 
 
 class ElasticConvBN(_ConvBNBase):
   """Conv (k x k) -> BN -> activation with an elastic number of output channels."""
 
   @nn.compact
-  def __call__(self, x, train: bool, out_active=None):
-    mask = channel_mask(out_active, self.features)
-    y = ElasticBatchNorm(name="bn")(self._conv(x), train, mask)
+  def __call__(self, x, train: bool, out_active=None, width=None):
+    """``out_active`` (traced) masks the outputs; a static ``width`` computes only that many
+    (active-size execution)."""
+    mask = None if width is not None else channel_mask(out_active, self.features)
+    y = ElasticBatchNorm(size=self.features, name="bn")(self._conv(x, width), train, mask)
     return ACTIVATIONS[self.act](y)  # every activation here maps 0 to 0, so no second mask
 
   @staticmethod
@@ -107,11 +131,6 @@ class ConvBN(_ConvBNBase):
 # --------------------------------------------------------------------------- depthwise
 
 
-def _crop(kernel, size: int):
-  start = (kernel.shape[0] - size) // 2
-  return kernel[start:start + size, start:start + size]
-
-
 def transform_name(src: int, dst: int) -> str:
   return f"transform_{src}to{dst}"
 
@@ -123,7 +142,7 @@ def active_depthwise_kernels(kernel, kernel_choices: Sequence[int], transforms: 
   out = {choices[0]: kernel}
   current = kernel
   for src, dst in zip(choices[:-1], choices[1:]):
-    current = _crop(current, dst)
+    current = crop_kernel(current, dst)
     if transforms is not None:
       flat = current.reshape(dst * dst, -1)  # [(kh, kw) row-major, C]
       current = (transforms[transform_name(src, dst)] @ flat).reshape(current.shape)
@@ -149,24 +168,33 @@ class ElasticDepthwiseConv(nn.Module):
 
   With ``transform`` the smaller kernels go through OFA's learned transform matrices
   (identity-initialised, one per consecutive pair of sizes, shared by all channels). The chosen
-  kernel is zero-padded back to the largest size, so one compiled conv serves every size.
+  kernel is zero-padded back to the largest size, so one compiled function serves every size:
+  masked execution convolves with the padded kernel; active-size execution
+  (``execution="active"``) convolves at the chosen size only (``depthwise_conv2d_choice``).
+  ``x`` may hold a prefix of the ``channels`` this layer holds (active-size execution).
   """
   kernel_choices: Sequence[int] = (3, 5, 7)
   stride: int = 1
   transform: bool = True
   impl: str = "shift"
+  channels: int = 0          # channels held; 0: x's channel count
+  execution: str = "masked"  # or "active"
 
   @nn.compact
   def __call__(self, x, kernel_size=None):
     choices = sorted(self.kernel_choices)
     kmax = choices[-1]
-    kernel = self.param("kernel", CONV_INIT, (kmax, kmax, 1, x.shape[-1]))
+    kernel = self.param("kernel", CONV_INIT, (kmax, kmax, 1, self.channels or x.shape[-1]))
+    kernel = kernel[..., :x.shape[-1]]
     transforms = self._transforms(choices)
     if kernel_size is None or len(choices) == 1:
       return depthwise_conv2d(x, kernel, self.stride, self.impl)
     kernels = active_depthwise_kernels(kernel, choices, transforms)
     padded = [jnp.pad(kernels[k], [((kmax - k) // 2,) * 2] * 2 + [(0, 0)] * 2) for k in choices]
     index = jnp.searchsorted(jnp.asarray(choices), kernel_size)
+    if self.execution == "active":
+      return depthwise_conv2d_choice(x, jnp.stack(padded)[index], index, choices, self.stride,
+                                     self.impl)
     return depthwise_conv2d(x, jnp.stack(padded)[index], self.stride, self.impl)
 
   def _transforms(self, choices):
@@ -193,18 +221,40 @@ def se_channels(channels, reduction: int = 4):
   return make_divisible(channels // reduction, 8)
 
 
+class PrefixDense(nn.Module):
+  """``nn.Dense``'s parameters (same names, shapes and init) applied to the first
+  ``x.shape[-1]`` inputs and the first ``width`` outputs (all when None)."""
+  in_features: int
+  features: int
+
+  @nn.compact
+  def __call__(self, x, width=None):
+    kernel = self.param("kernel", CONV_INIT, (self.in_features, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    kernel, bias = kernel[:x.shape[-1], :width], bias[:width]
+    return jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+
+
 class ElasticSqueezeExcite(nn.Module):
-  """SE whose hidden width follows the active channel count (OFA's DynamicSE)."""
+  """SE whose hidden width follows the active channel count (OFA's DynamicSE).
+
+  Masked execution: ``x`` has all ``channels`` and ``active`` (traced) counts the active ones.
+  Active-size execution: ``x`` holds only the active prefix and ``active`` is None.
+  """
+  channels: int = 0   # channels held; 0: x's channel count
 
   @nn.compact
   def __call__(self, x, active=None):
-    c = x.shape[-1]
+    c = self.channels or x.shape[-1]
     hidden_max = se_channels(c)
+    narrow = x.shape[-1] < c
+    hidden_width = se_channels(x.shape[-1]) if narrow else None
     pooled = jnp.mean(x, axis=(1, 2))
-    hidden = nn.Dense(hidden_max, kernel_init=CONV_INIT, name="reduce")(pooled)
-    hidden_active = None if active is None else se_channels(active)
-    hidden = jax.nn.relu(hidden) * channel_mask(hidden_active, hidden_max)
-    gate = h_sigmoid(nn.Dense(c, kernel_init=CONV_INIT, name="expand")(hidden))
+    hidden = jax.nn.relu(PrefixDense(c, hidden_max, name="reduce")(pooled, hidden_width))
+    if not narrow:
+      hidden_active = None if active is None else se_channels(active)
+      hidden = hidden * channel_mask(hidden_active, hidden_max)
+    gate = h_sigmoid(PrefixDense(hidden_max, c, name="expand")(hidden, x.shape[-1]))
     return x * gate[:, None, None, :]
 
   @staticmethod
@@ -272,6 +322,13 @@ class ElasticMBConv(nn.Module):
   the input's inactive channels are already zero.
   With ``residual`` the caller guarantees the
   input's active width equals ``out_active`` (slimmable nets tie them to one width group).
+
+  ``execution="masked"`` computes every layer at its maximum width and zeroes the inactive
+  channels. ``execution="active"`` computes only the active subnet: a ``switch`` over the
+  static middle widths ``mid_choices`` (each branch slices the maximum-shape parameters to its
+  width, so gradients land in the prefix that masking trains) and, inside it, the depthwise conv
+  at the chosen kernel size. Both give the same numbers. Under ``vmap`` over archs a switch
+  runs every branch, so vmapped callers use masked execution.
   """
   mid_channels: int
   out_channels: int
@@ -283,25 +340,47 @@ class ElasticMBConv(nn.Module):
   residual: bool = False
   kernel_transform: bool = True
   depthwise_impl: str = "shift"
+  mid_choices: Sequence[int] = ()   # the middle widths an arch can pick (active execution)
+  execution: str = "masked"         # or "active"
 
   @nn.compact
   def __call__(self, x, train: bool, mid_active=None, kernel_size=None, out_active=None):
-    act = ACTIVATIONS[self.act]
-    mid_mask = channel_mask(mid_active, self.mid_channels)
     if not self.has_expand and x.shape[-1] != self.mid_channels:
       raise ValueError(f"a block without expand conv runs its depthwise on the input, so "
                        f"mid_channels ({self.mid_channels}) must equal the input's channels "
                        f"({x.shape[-1]})")
+    if (self.execution == "active" and len(self.mid_choices) > 1 and mid_active is not None
+        and not self.is_initializing()):
+      widths = sorted(self.mid_choices)
+      index = jnp.searchsorted(jnp.asarray(widths), mid_active)
+      # Each branch is rematerialised: its backward recomputes its forward, so the switch keeps
+      # only the branch inputs instead of every branch's activations (zero-filled when unused).
+      branches = [nn.remat(lambda mdl, x, k, w=w: mdl.layers(x, train, None, k, out_active, w))
+                  for w in widths]
+      y = nn.switch(index, branches, self, x, kernel_size)
+    else:
+      y = self.layers(x, train, mid_active, kernel_size, out_active)
+    return x + y if self.residual else y
+
+  def layers(self, x, train, mid_active, kernel_size, out_active, width=None):
+    """The block without its shortcut: masked at ``mid_active``, or computed at the static
+    middle ``width`` (active-size execution)."""
+    act = ACTIVATIONS[self.act]
+    mid_mask = None if width is not None else channel_mask(mid_active, self.mid_channels)
+    cin = x.shape[-1]
     y = x
     if self.has_expand:
-      y = ElasticConvBN(self.mid_channels, act=self.act, name="expand")(y, train, mid_active)
+      y = ElasticConvBN(self.mid_channels, act=self.act, in_features=cin, name="expand")(
+          y, train, mid_active, width=width)
     y = ElasticDepthwiseConv(self.kernel_choices, self.stride, self.kernel_transform,
-                             self.depthwise_impl, name="depthwise")(y, kernel_size)
-    y = act(ElasticBatchNorm(name="depthwise_bn")(y, train, mid_mask))
+                             self.depthwise_impl, channels=self.mid_channels,
+                             execution=self.execution, name="depthwise")(y, kernel_size)
+    y = act(ElasticBatchNorm(size=self.mid_channels, name="depthwise_bn")(y, train, mid_mask))
     if self.use_se:
-      y = ElasticSqueezeExcite(name="se")(y, mid_active)
-    y = ElasticConvBN(self.out_channels, act="identity", name="project")(y, train, out_active)
-    return x + y if self.residual else y
+      y = ElasticSqueezeExcite(self.mid_channels, name="se")(y, None if width else mid_active)
+    y = ElasticConvBN(self.out_channels, act="identity", in_features=self.mid_channels,
+                      name="project")(y, train, out_active)
+    return y
 
   def slice_variables(self, params: dict, spec: BlockSpec) -> dict:
     """This block's params cut to ``spec``'s sizes (kernel transforms baked in); the batch

@@ -32,6 +32,12 @@ def conv2d(x, kernel, stride: int = 1):
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def crop_kernel(kernel, size: int):
+  """The centred ``size`` x ``size`` taps of a [k, k, ...] kernel (OFA's elastic kernel)."""
+  start = (kernel.shape[0] - size) // 2
+  return kernel[start:start + size, start:start + size]
+
+
 def depthwise_conv2d(x, kernel, stride: int = 1, impl: str = "shift"):
   """Depthwise conv with kernel [k, k, 1, C] and symmetric padding k//2.
 
@@ -88,13 +94,60 @@ def _shift_depthwise_bwd(stride, residuals, g):
   g_dilated = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), (p, h - span_h + p, stride - 1),
                                                   (p, w - span_w + p, stride - 1), (0, 0, 0)])
   dx = _shift_taps(g_dilated, kernel[::-1, ::-1], 1, h, w)
+  # dk[i, j] = sum over (n, h, w) of tap (i, j) times g: one variadic reduce over all k*k taps
+  # reads x and g once (measured 2.4x faster than k*k separate sums, which read them k*k times,
+  # for a 7x7 kernel on [32, 64, 64, 96] on 2 CPU cores; bench/bench_train_step.py).
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  dk = jnp.stack([jnp.sum(xp[:, i:i + span_h:stride, j:j + span_w:stride, :] * g, axis=(0, 1, 2))
-                  for i in range(k) for j in range(k)])
-  return dx, dk.reshape(kernel.shape)
+  products = tuple(xp[:, i:i + span_h:stride, j:j + span_w:stride, :] * g
+                   for i in range(k) for j in range(k))
+  zeros = tuple(jnp.zeros((), g.dtype) for _ in products)
+  dk = lax.reduce(products, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1, 2))
+  return dx, jnp.stack(dk).reshape(kernel.shape)
 
 
 _shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
+
+
+def depthwise_conv2d_choice(x, kernel, index, sizes, stride: int = 1, impl: str = "shift"):
+  """``depthwise_conv2d(x, kernel)`` for a kernel that is zero outside its centred
+  ``sizes[index]`` square (a smaller elastic kernel, zero-padded to the largest size), computed
+  at that size only: ``index`` is traced, so one compiled function serves every size.
+
+  The forward and the backward each run one branch of a ``lax.switch``. Autodiff of a plain
+  switch would keep every branch's residuals (zero-filled for the branches not taken); here the
+  residuals are the inputs, and the kernel gradient is zero outside the chosen square, exactly
+  as the zero-padded conv's gradient would be after the zero padding.
+  """
+  return _depthwise_choice(x, kernel, index, tuple(sizes), stride, impl)
+
+
+def _conv_at(size: int, stride: int, impl: str):
+  return lambda x, kernel: depthwise_conv2d(x, crop_kernel(kernel, size), stride, impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _depthwise_choice(x, kernel, index, sizes, stride, impl):
+  return lax.switch(index, [_conv_at(s, stride, impl) for s in sizes], x, kernel)
+
+
+def _depthwise_choice_fwd(x, kernel, index, sizes, stride, impl):
+  return _depthwise_choice(x, kernel, index, sizes, stride, impl), (x, kernel, index)
+
+
+def _depthwise_choice_bwd(sizes, stride, impl, residuals, g):
+  x, kernel, index = residuals
+
+  def pullback(size):
+    def run(x, kernel, g):
+      _, vjp = jax.vjp(_conv_at(size, stride, impl), x, kernel)
+      return vjp(g)   # the crop's transpose pads the kernel gradient back with zeros
+    return run
+
+  dx, dk = lax.switch(index, [pullback(s) for s in sizes], x, kernel, g)
+  return dx, dk, None
+
+
+_depthwise_choice.defvjp(_depthwise_choice_fwd, _depthwise_choice_bwd)
 
 
 def spatial_taps(size: int, kernel, stride: int, exclude_padding: bool = False):

@@ -17,7 +17,7 @@ from ofajax.models.ofa_mbv3 import OFAMobileNetV3
 from ofajax.models import ofa_mbv3 as _ofa_mbv3
 from ofajax.models import ofa_resnet50 as _ofa_resnet50
 from ofajax.models.ofa_resnet50 import OFAResNet50
-from ofajax.models.base import InputSpec, Supernet
+from ofajax.models.base import InputSpec, Supernet, check_execution
 from ofajax.models.resnet import ResNet
 from ofajax.models import slim_mobilenet_v2 as _slim
 from ofajax.models.slim_mobilenet_v2 import SlimMobileNetV2
@@ -60,6 +60,15 @@ def get(name: str, **overrides) -> tuple[Supernet, SearchSpace]:
   return model, make_space(model)
 
 
+def with_execution(model: Supernet, execution: str) -> Supernet:
+  """``model`` run as ``execution``: "masked", "active", or "auto" (active-size execution where
+  the model has it, masked otherwise). See ``ofajax.models.base.EXECUTIONS``."""
+  if execution == "auto":
+    execution = "active" if "active" in model.executions else "masked"
+  check_execution(execution, model.executions)
+  return model.clone(execution=execution)
+
+
 # XLA CPU spends most of a supernet's init compile on ~100 separate random-number generators
 # (measured: 28 s -> 9 s for ofa_mbv3_tiny on 2 cores with these options). Init runs once, so
 # its own speed does not matter; use these options for one-off functions such as init and
@@ -92,6 +101,7 @@ def init(model, key: jax.Array, x: jax.Array, arch=None) -> dict:
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-__all__ = ["get", "init", "input_spec", "sample_input", "takes_tokens", "FAST_COMPILE", "names",
+__all__ = ["get", "init", "input_spec", "sample_input", "takes_tokens", "with_execution",
+           "FAST_COMPILE", "names",
            "InputSpec", "Supernet", "ElasticBERT", "ElasticViT", "MobileNet", "OFAMobileNetV3", "OFAResNet50",
            "ResNet", "SlimMobileNetV2", "SearchSpace"]

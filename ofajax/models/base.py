@@ -55,6 +55,20 @@ def check_channels(x, channels: int) -> None:
                      f"in_channels={channels} (NHWC input expected)")
 
 
+# How a supernet runs a traced arch. "masked": every layer at its maximum size, inactive
+# channels and taps zeroed (one program for any arch; the reference, and the right choice where
+# archs are vmapped side by side). "active": each elastic block computes only its active size,
+# switching among static branches, so a small subnet costs less; same numbers as "masked".
+EXECUTIONS = ("masked", "active")
+
+
+def check_execution(execution: str, supported=EXECUTIONS) -> None:
+  """A ValueError naming the choices unless ``execution`` is one this model runs."""
+  if execution not in supported:
+    raise ValueError(f"execution must be one of {supported} for this model (or 'auto'), got "
+                     f"{execution!r}")
+
+
 @runtime_checkable
 class Supernet(Protocol):
   """An elastic supernet: one set of variables, every subnet of :meth:`search_space`.
@@ -65,6 +79,8 @@ class Supernet(Protocol):
   empty for models without BatchNorm).
   """
   num_classes: int
+  execution: str              # how it runs now: one of ``executions``
+  executions: tuple[str, ...]  # the modes of EXECUTIONS this model has (a class attribute)
 
   @property
   def input_spec(self) -> InputSpec:
@@ -88,4 +104,5 @@ class Supernet(Protocol):
     a traced arch gives traced numbers."""
 
 
-__all__ = ["INPUT_KINDS", "InputSpec", "Supernet", "check_channels"]
+__all__ = ["EXECUTIONS", "INPUT_KINDS", "InputSpec", "Supernet", "check_channels",
+           "check_execution"]

@@ -12,13 +12,13 @@ length.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ofajax.layers import transformer
-from ofajax.models.base import InputSpec
+from ofajax.models.base import InputSpec, check_execution
 from ofajax.models.encoder import ElasticEncoderMixin
 
 
@@ -41,6 +41,8 @@ class ElasticBERT(ElasticEncoderMixin, nn.Module):
   attention_dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
   resolutions: Sequence[int] = (128,)
+  execution: str = "masked"
+  executions: ClassVar[tuple[str, ...]] = ("masked",)   # active-size execution: not built yet
   layers: Sequence[transformer.LayerSpec] = ()   # non-empty: this is a dense subnet
 
   kernel_init = staticmethod(transformer.INIT)  # a plain attribute: not a module field
@@ -58,6 +60,7 @@ class ElasticBERT(ElasticEncoderMixin, nn.Module):
   @nn.compact
   def __call__(self, tokens, arch=None, train: bool = False, head_scale=None,
                return_hidden: bool = False):
+    check_execution(self.execution, self.executions)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"input is {tokens.dtype}{list(tokens.shape)}; this model takes int token "
                        "ids of shape [batch, length]")

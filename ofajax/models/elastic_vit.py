@@ -12,13 +12,13 @@ dense subnet (``apply(variables, x, train=...)``), which :meth:`dense_model` mak
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ofajax.layers import transformer
-from ofajax.models.base import InputSpec
+from ofajax.models.base import InputSpec, check_execution
 from ofajax.models.encoder import ElasticEncoderMixin
 
 
@@ -42,6 +42,8 @@ class ElasticViT(ElasticEncoderMixin, nn.Module):
   pool: str = "cls"             # "cls" (class token) or "mean" (average of the patch tokens)
   position: str = "learned"     # "learned" or "sincos" (fixed, no parameters)
   resolutions: Sequence[int] = (224,)
+  execution: str = "masked"
+  executions: ClassVar[tuple[str, ...]] = ("masked",)   # active-size execution: not built yet
   layers: Sequence[transformer.LayerSpec] = ()   # non-empty: this is a dense subnet
 
   kernel_init = staticmethod(transformer.VIT_INIT)  # a plain attribute: not a module field
@@ -59,6 +61,7 @@ class ElasticViT(ElasticEncoderMixin, nn.Module):
   @nn.compact
   def __call__(self, x, arch=None, train: bool = False, head_scale=None,
                return_hidden: bool = False):
+    check_execution(self.execution, self.executions)
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f"input has shape {x.shape}; this model takes NHWC images with "
                        f"in_channels={self.in_channels}")

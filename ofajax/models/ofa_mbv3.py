@@ -13,7 +13,7 @@ The arch is ``{"depth": int32[5], "kernel": int32[5, 4], "expand": int32[5, 4]}`
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from ofajax import layers
 from ofajax.layers import BlockSpec, ElasticMBConv, make_divisible
 from ofajax.layers.gating import gated
 from ofajax.layers.stats import with_stats
-from ofajax.models.base import InputSpec, check_channels
+from ofajax.models.base import InputSpec, check_channels, check_execution
 from ofajax.models.mobilenet import MobileNet, mobilenet_cost
 from ofajax.space import Leaf, SearchSpace
 
@@ -49,6 +49,9 @@ class OFAMobileNetV3(nn.Module):
   kernel_transform: bool = True
   depthwise_impl: str = "shift"
   resolutions: Sequence[int] = tuple(range(128, 225, 4))
+  execution: str = "masked"   # or "active": see ElasticMBConv and docs/design.md
+  executions: ClassVar[tuple[str, ...]] = ("masked", "active")
+
 
   @property
   def input_spec(self) -> InputSpec:
@@ -99,6 +102,7 @@ class OFAMobileNetV3(nn.Module):
   @nn.compact
   def __call__(self, x, arch, train: bool = False):
     check_channels(x, self.in_channels)
+    check_execution(self.execution, self.executions)
     widths = self.widths
     x = layers.ElasticConvBN(widths[0], 3, self.stem_stride, "h_swish", name="stem")(x, train)
     x = ElasticMBConv(widths[0], widths[1], (3,), self.strides[0], self.acts[0], self.use_se[0],
@@ -108,7 +112,8 @@ class OFAMobileNetV3(nn.Module):
       block = ElasticMBConv(max(mids), cout, tuple(self.kernel_choices), stride, act, se,
                             has_expand=True, residual=residual,
                             kernel_transform=self.kernel_transform,
-                            depthwise_impl=self.depthwise_impl, name=f"stage{s}_block{i}")
+                            depthwise_impl=self.depthwise_impl, mid_choices=tuple(mids),
+                            execution=self.execution, name=f"stage{s}_block{i}")
       if i == 0:  # the first block of a stage always runs (it changes width / resolution)
         x = block(x, train, mid_active=layers.lookup(arch["expand"][s, i], self.expand_choices,
                                                      mids),

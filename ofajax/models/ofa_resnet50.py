@@ -33,7 +33,7 @@ The arch (int32 leaves, larger value = larger net, as every ofajax space):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -46,7 +46,7 @@ from ofajax.layers.gating import gated
 from ofajax.layers.resnet import (BottleneckSpec, ElasticBottleneck, ElasticResidualConv,
                                   max_pool_3x3_s2)
 from ofajax.layers.stats import with_stats
-from ofajax.models.base import InputSpec, check_channels
+from ofajax.models.base import InputSpec, check_channels, check_execution
 from ofajax.models.resnet import ResNet, resnet_cost
 from ofajax.space import Leaf, SearchSpace
 
@@ -74,6 +74,8 @@ class OFAResNet50(nn.Module):
   dropout_rate: float = 0.0
   # OFA-ResNet50 is trained at 128-224 (once-for-all README); its accuracy predictor's sizes.
   resolutions: Sequence[int] = (128, 144, 160, 176, 192, 224)
+  execution: str = "masked"
+  executions: ClassVar[tuple[str, ...]] = ("masked",)   # active-size execution: not built yet
 
   @property
   def input_spec(self) -> InputSpec:
@@ -150,6 +152,7 @@ class OFAResNet50(nn.Module):
   @nn.compact
   def __call__(self, x, arch, train: bool = False):
     check_channels(x, self.in_channels)
+    check_execution(self.execution, self.executions)
     stem_mid, stem_out, stage_widths = self._widths(arch)
     x = ElasticConvBN(max(self.stem_mid_widths), 3, 2, "relu", name="stem0")(x, train, stem_mid)
     run = lambda mdl, x, *widths: mdl(x, train, *widths)

@@ -24,7 +24,7 @@ C, 8)`` to C (AutoSlim's channel bins are of 8 too; US-Nets' 0.35x lower bound).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ import numpy as np
 from ofajax import layers
 from ofajax.layers import BlockSpec, ElasticConvBN, ElasticMBConv, make_divisible
 from ofajax.layers.stats import with_stats
-from ofajax.models.base import InputSpec, check_channels
+from ofajax.models.base import InputSpec, check_channels, check_execution
 from ofajax.models.mobilenet import MobileNet, mobilenet_cost
 from ofajax.space import Leaf, SearchSpace
 
@@ -78,6 +78,8 @@ class SlimMobileNetV2(nn.Module):
   dropout_rate: float = 0.2
   depthwise_impl: str = "shift"
   resolutions: Sequence[int] = (224,)
+  execution: str = "masked"
+  executions: ClassVar[tuple[str, ...]] = ("masked",)   # active-size execution: not built yet
 
   @property
   def input_spec(self) -> InputSpec:
@@ -151,6 +153,7 @@ class SlimMobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, x, arch, train: bool = False):
     check_channels(x, self.in_channels)
+    check_execution(self.execution, self.executions)
     plan = self._plan()
     width = arch["width"]
     x = ElasticConvBN(plan.max_widths[plan.stem_group], KERNEL, self.stem_stride, ACT,
