@@ -46,5 +46,7 @@ def calibrate_bn(model, variables: dict, archs, images: jax.Array, archs_per_cal
   Returns batch_stats with a leading K axis. ``archs_per_call`` archs run side by side (vmap);
   the rest of the K run one group after another (lax.map), which bounds memory.
   """
+  if archs_per_call > 1:  # vmapped archs turn active execution's switches into selects
+    model = model.clone(execution="masked")
   return jax.lax.map(lambda arch: calibrate_one(model, variables, arch, images), archs,
                      batch_size=archs_per_call)
