@@ -96,9 +96,11 @@ def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir):
 
 def test_one_compile_across_three_phases_and_20_steps():
   config = default.get_config()
-  config.model_options = ml_collections.ConfigDict({"num_classes": 10, "depth_choices": (1, 2),
-                                                      "kernel_choices": (3, 5),
-                                                      "expand_choices": (3, 6)})
+  # two elastic stages of two blocks (SE in the second): active execution compiles in seconds
+  config.model_options = ml_collections.ConfigDict({
+      "num_classes": 10, "base_widths": (8, 8, 16, 24, 48, 64), "strides": (1, 2, 2),
+      "acts": ("relu", "relu", "h_swish"), "use_se": (False, False, True),
+      "depth_choices": (1, 2), "kernel_choices": (3, 5), "expand_choices": (3, 6)})
   model, space = build_model(config)
   assert model.execution == "active"  # the default ("auto") for this model: switches inside
   phase_cfgs = [dict(name="kernel", epochs=1, learning_rate=0.1, num_subnets=2,
