@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ofajax import cost as cost_lib
-from ofajax import evaluation, export, reporting
+from ofajax import evaluation, export, models, reporting
 from ofajax.progress import ProgressBar
 from ofajax.search import evolution, pareto
 from ofajax.search.greedy import greedy_search
@@ -103,8 +103,9 @@ def search_evaluator(config, sup: TrainedSupernet, split: str) -> evaluation.Eva
   split is read in batches of ``config.valid_batch_size``: a test split of the validation
   split's shape reuses the compiled score function."""
   train = sup.config
+  model = models.with_execution(sup.model, config.engine.get("execution", "masked"))
   return evaluation.make_evaluator(
-      sup.model, sup.variables, dataset=train.dataset, data_dir=train.data_dir or None,
+      model, sup.variables, dataset=train.dataset, data_dir=train.data_dir or None,
       resolution=_resolution(config, sup), calib_split=config.calib_split,
       calib_batch_size=config.calib_batch_size, calib_batches=config.calib_batches,
       seed=config.seed + 1, split=split, batch_size=config.valid_batch_size,
