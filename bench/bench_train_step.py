@@ -6,10 +6,14 @@ of the smallest subnet, and the sandwich step (largest, smallest, 2 random; in-p
 distillation). Rounds are interleaved (every step of every mode once per round), so machine noise
 hits all of them alike; the table gives medians, compile times, and two shape ratios: sandwich /
 largest (PyTorch OFA: 1.7x, issue 13) and the smallest step's share of the largest's time against
-its share of the MACs (1.0 means compute follows MACs exactly).
+its share of the MACs (1.0 means compute follows MACs exactly). ``--steps half`` adds plain
+training of a transformer's half-width subnet (``width_arch(0.5)``, DynaBERT's width multiplier);
+``--options`` takes model options as JSON.
 
     PYTHONPATH=. python bench/bench_train_step.py                 # default config (tiny, 28x28)
     PYTHONPATH=. python bench/bench_train_step.py --model ofa_mbv3 --resolution 128 --batch 32
+    PYTHONPATH=. python bench/bench_train_step.py --model elastic_bert --resolution 128 \
+        --batch 8 --steps largest,smallest,half --options '{"width_buckets": [0.5, 1.0]}'
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from ofajax import models
 from ofajax import train as training
 from ofajax import workdir as workdir_lib
 
-STEPS = ("largest", "smallest", "sandwich4")
+STEPS = ("largest", "smallest", "half", "sandwich4")
+DEFAULT_STEPS = ("largest", "smallest", "sandwich4")
 
 
 def build(config, model, space, num_subnets: int, restrict: dict, batch: int, resolution: int):
@@ -39,8 +44,7 @@ def build(config, model, space, num_subnets: int, restrict: dict, batch: int, re
       "name": "bench", "epochs": 1, "learning_rate": 0.01, "num_subnets": num_subnets,
       "sampling": "sandwich" if num_subnets > 1 else "random", "restrict": restrict}), 0, space,
       1000)
-  x = models.sample_input(model, resolution, batch) * jax.random.normal(
-      jax.random.key(0), (batch, resolution, resolution, 1))
+  x = sample_batch(model, resolution, batch)
   y = jnp.arange(batch) % model.num_classes
   state, tx = workdir_lib.init_state(model, config.seed, lambda p: training.make_optimizer(
       config, training.make_schedule([phase]), p), x[:1])
@@ -59,13 +63,27 @@ def build(config, model, space, num_subnets: int, restrict: dict, batch: int, re
   return call, compile_s
 
 
+def sample_batch(model, resolution: int, batch: int):
+  """Random inputs: images, or token ids without padding."""
+  if models.takes_tokens(model):
+    return jax.random.randint(jax.random.key(0), (batch, resolution), 1, model.vocab_size)
+  return models.sample_input(model, resolution, batch) * jax.random.normal(
+      jax.random.key(0), (batch, resolution, resolution, 1))
+
+
+def fixed(arch) -> dict:
+  """A restriction of every leaf to ``arch``'s value (archs with one value per leaf)."""
+  return {k: [int(np.max(np.asarray(v)))] for k, v in arch.items()}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default="")
   p.add_argument("--resolution", type=int, default=0)
   p.add_argument("--batch", type=int, default=0)
   p.add_argument("--modes", default="masked,active")
-  p.add_argument("--steps", default=",".join(STEPS))
+  p.add_argument("--steps", default=",".join(DEFAULT_STEPS), help=f"some of {STEPS}")
+  p.add_argument("--options", default="{}", help="model options, JSON")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out", default="")
   args = p.parse_args()
@@ -73,6 +91,7 @@ def main():
   options = dict(config.model_options)
   if args.model and args.model != config.model:
     config.model, options = args.model, {}
+  options.update(json.loads(args.options))
   resolution = args.resolution or config.resolution
   batch = args.batch or config.batch_size
   modes = args.modes.split(",")
@@ -88,9 +107,11 @@ def main():
     smallest = {k: [int(np.min(np.asarray(v)))] for k, v in space.smallest().items()}
     for name, cfg, n, restrict in (("largest", plain, 1, largest),
                                    ("smallest", plain, 1, smallest),
+                                   ("half", plain, 1, None),
                                    ("sandwich4", config, 4, {})):
       if name not in steps:
         continue
+      restrict = fixed(model.width_arch(0.5)) if name == "half" else restrict
       calls[mode, name], compile_s[mode, name] = build(cfg, model, space, n, restrict, batch,
                                                        resolution)
   macs_share = float(model.cost(space.smallest(), resolution)[0]
@@ -115,7 +136,7 @@ def main():
       row += f"{med[modes[0], name] / med[modes[1], name]:>9.2f}x"
     print(row)
   shape = {}
-  for m in modes if len(steps) == len(STEPS) else ():
+  for m in modes if set(DEFAULT_STEPS) <= set(steps) else ():
     shape[m] = {"sandwich_over_largest": med[m, "sandwich4"] / med[m, "largest"],
                 "smallest_time_share": med[m, "smallest"] / med[m, "largest"]}
     print(f"{m}: sandwich / largest = {shape[m]['sandwich_over_largest']:.2f}x; smallest takes "

@@ -4,6 +4,7 @@ A small OFA MobileNetV3 (two elastic stages of two blocks, SE in the second, the
 expand choices) keeps compilation short; the layers are the ones ofa_mbv3 and compofa_mbv3 use.
 """
 
+import collections
 import functools
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from ofajax import evaluation, layers, models
-from ofajax.layers import conv
+from ofajax.layers import branching, conv
 from ofajax.models.ofa_mbv3 import OFAMobileNetV3
 
 SMALL = dict(num_classes=10, base_widths=(8, 8, 16, 24, 48, 64), strides=(1, 2, 2),
@@ -24,9 +25,13 @@ def _small(execution):
   return OFAMobileNetV3(execution=execution, **SMALL)
 
 
+_TRACES = collections.Counter()   # model -> times _outputs traced it
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _outputs(model, variables, x, arch):
   """Eval logits, the train-mode loss's gradients, the updated batch_stats."""
+  _TRACES[model] += 1
   def loss(params):
     logits, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
                                 arch, train=True, mutable=["batch_stats"])
@@ -125,10 +130,49 @@ def test_evaluator_runs_vmapped_archs_masked(small_setup):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["slim_mobilenet_v2_tiny", "ofa_resnet50_tiny",
-                                  "elastic_vit_tiny"])
-def test_models_without_active_execution_say_so(name):
-  model, space = models.get(name, execution="active")
+@pytest.mark.parametrize("name", ["slim_mobilenet_v2_tiny", "ofa_resnet50_tiny"])
+def test_bucketed_models_match_masked(name):
+  """Per-layer-width supernets run active at static width buckets (slimmable MobileNetV2) or
+  exact width x expand branches (OFA-ResNet50): the same logits, every gradient and the same
+  BatchNorm statistics as masked execution, and one trace for every arch. Float64, because
+  train-mode BatchNorm over a 4-image batch at 1x1 feature maps amplifies float32 round-off
+  (summation order) to ~1e-3 in some gradients."""
+  with jax.enable_x64(True):
+    masked, space = models.get(name, execution="masked")
+    active = masked.clone(execution="active")
+    res = space.resolutions[0]
+    x = jax.random.normal(jax.random.key(0), (4, res, res, masked.in_channels), jnp.float64)
+    variables = jax.tree.map(lambda v: v.astype(jnp.float64),
+                             models.init(masked, jax.random.key(1), x))
+    variables["batch_stats"] = jax.tree.map(
+        lambda v: v + 0.1 * jax.random.uniform(jax.random.key(2), v.shape, v.dtype),
+        variables["batch_stats"])
+    archs = [space.largest(), space.smallest()] + [space.sample(jax.random.key(40 + i))
+                                                  for i in range(3)]
+    before = _TRACES[active]
+    for arch in archs:
+      logits_m, grads_m, stats_m = _outputs(masked, variables, x, arch)
+      logits_a, grads_a, stats_a = _outputs(active, variables, x, arch)
+      np.testing.assert_allclose(logits_a, logits_m, rtol=1e-10, atol=1e-12)
+      _assert_close_trees(grads_m, grads_a, 1e-10)
+      _assert_close_trees(stats_m, stats_a, 1e-12)
+    assert _TRACES[active] - before == 1
+
+
+def test_branch_choice_and_buckets():
+  widths = [(8, 16, 8), (16, 24, 16), (16, 48, 24)]
+  pick = lambda *actives: int(branching.branch_index(actives, widths))
+  assert pick(8, 16, 8) == 0 and pick(9, 16, 8) == 1 and pick(8, 16, 24) == 2
+  assert pick(None, 20, None) == 1 and pick(None, None, None) == 2   # no constraint: the full
+  assert branching.bucket_widths(range(16, 97, 8), (0.5, 0.75)) == (48, 72, 96)
+  assert branching.bucket_widths((24, 40, 64), (0.3, 1.0)) == (24, 64)
+  with pytest.raises(ValueError, match="full widths"):
+    branching.cheapest_first([(8, 48), (16, 16)], np.prod)
+
+
+@pytest.mark.parametrize("name", ["slim_mobilenet_v2_tiny", "ofa_resnet50_tiny"])
+def test_unknown_execution_says_what_exists(name):
+  model, space = models.get(name, execution="fast")
   x = models.sample_input(model, space.resolutions[0], 2)
   with pytest.raises(ValueError, match="execution must be one of"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), x, space.largest()))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ofajax.layers.branching import pad_channels, switch_widths
 from ofajax.layers.common import ACTIVATIONS, CONV_INIT, channel_mask, h_sigmoid, make_divisible
 from ofajax.layers.conv import (conv2d, crop_kernel, depthwise_conv2d, depthwise_conv2d_choice,
                                 spatial_taps)
@@ -92,23 +93,44 @@ class _ConvBNBase(nn.Module):
   act: str = "relu"
   in_features: int = 0   # input channels held; 0: x's channel count
 
-  def _conv(self, x, width=None):
-    """The conv from x's channels (a prefix of ``in_features``) to the first ``width``
-    outputs (all when None)."""
-    kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size,
-                                                 self.in_features or x.shape[-1], self.features))
+  def _conv(self, x, width=None, in_features=None):
+    """The conv from x's channels (a prefix of ``in_features``, else of the field) to the first
+    ``width`` outputs (all when None)."""
+    in_features = in_features or self.in_features or x.shape[-1]
+    kernel = self.param("kernel", CONV_INIT, (self.kernel_size, self.kernel_size, in_features,
+                                                 self.features))
     return conv2d(x, kernel[:, :, :x.shape[-1], :width], self.stride)
 
 
 class ElasticConvBN(_ConvBNBase):
-  """Conv (k x k) -> BN -> activation with an elastic number of output channels."""
+  """Conv (k x k) -> BN -> activation with an elastic number of output channels.
+
+  With ``execution="active"`` and ``branch_widths`` ((in, out) static widths, cheapest first,
+  the last the full layer) it runs at the cheapest branch holding the traced widths and returns
+  the output zero-padded to ``features`` (see :mod:`ofajax.layers.branching`).
+  """
+  branch_widths: Sequence[tuple[int, int]] = ()
+  execution: str = "masked"   # or "active"
 
   @nn.compact
-  def __call__(self, x, train: bool, out_active=None, width=None):
+  def __call__(self, x, train: bool, out_active=None, width=None, in_active=None):
     """``out_active`` (traced) masks the outputs; a static ``width`` computes only that many
-    (active-size execution)."""
-    mask = None if width is not None else channel_mask(out_active, self.features)
-    y = ElasticBatchNorm(size=self.features, name="bn")(self._conv(x, width), train, mask)
+    (active-size execution). ``in_active`` (traced, active execution only) picks the branch
+    together with ``out_active``; x's channels beyond it are zero."""
+    if self.execution == "active" and len(self.branch_widths) > 1 and not self.is_initializing():
+      cin = self.in_features or x.shape[-1]
+      return switch_widths(
+          self, (in_active, out_active), self.branch_widths,
+          lambda mdl, x, out, w: pad_channels(mdl.layer(x[..., :w[0]], train, out, w[1], cin),
+                                              self.features), x, out_active)
+    return self.layer(x, train, out_active, width)
+
+  def layer(self, x, train, out_active, width=None, in_features=None):
+    """Conv-BN-activation at the static ``width`` (all when None), masked at ``out_active``."""
+    mask = (channel_mask(out_active, self.features) if width is None else
+            None if out_active is None else channel_mask(out_active, width))
+    y = ElasticBatchNorm(size=self.features, name="bn")(self._conv(x, width, in_features), train,
+                                                        mask)
     return ACTIVATIONS[self.act](y)  # every activation here maps 0 to 0, so no second mask
 
   @staticmethod
@@ -239,7 +261,8 @@ class ElasticSqueezeExcite(nn.Module):
   """SE whose hidden width follows the active channel count (OFA's DynamicSE).
 
   Masked execution: ``x`` has all ``channels`` and ``active`` (traced) counts the active ones.
-  Active-size execution: ``x`` holds only the active prefix and ``active`` is None.
+  Active-size execution: ``x`` holds a static prefix, of which ``active`` (traced, or None for
+  all of it) are active.
   """
   channels: int = 0   # channels held; 0: x's channel count
 
@@ -248,12 +271,12 @@ class ElasticSqueezeExcite(nn.Module):
     c = self.channels or x.shape[-1]
     hidden_max = se_channels(c)
     narrow = x.shape[-1] < c
-    hidden_width = se_channels(x.shape[-1]) if narrow else None
     pooled = jnp.mean(x, axis=(1, 2))
-    hidden = jax.nn.relu(PrefixDense(c, hidden_max, name="reduce")(pooled, hidden_width))
-    if not narrow:
-      hidden_active = None if active is None else se_channels(active)
-      hidden = hidden * channel_mask(hidden_active, hidden_max)
+    hidden = jax.nn.relu(PrefixDense(c, hidden_max, name="reduce")(
+        pooled, se_channels(x.shape[-1]) if narrow else None))
+    if active is not None or not narrow:
+      hidden = hidden * channel_mask(None if active is None else se_channels(active),
+                                     hidden.shape[-1])
     gate = h_sigmoid(PrefixDense(hidden_max, c, name="expand")(hidden, x.shape[-1]))
     return x * gate[:, None, None, :]
 
@@ -324,11 +347,13 @@ class ElasticMBConv(nn.Module):
   input's active width equals ``out_active`` (slimmable nets tie them to one width group).
 
   ``execution="masked"`` computes every layer at its maximum width and zeroes the inactive
-  channels. ``execution="active"`` computes only the active subnet: a ``switch`` over the
-  static middle widths ``mid_choices`` (each branch slices the maximum-shape parameters to its
-  width, so gradients land in the prefix that masking trains) and, inside it, the depthwise conv
-  at the chosen kernel size. Both give the same numbers. Under ``vmap`` over archs a switch
-  runs every branch, so vmapped callers use masked execution.
+  channels. ``execution="active"`` computes only (about) the active subnet: a ``switch`` over
+  ``branch_widths``, static (in, mid, out) widths, cheapest first, the last the full block (see
+  :mod:`ofajax.layers.branching`). Each branch slices the maximum-shape parameters to its
+  widths, so gradients land in the prefix that masking trains, and runs the depthwise conv at
+  the chosen kernel size only. With ``bucketed`` a branch may be wider than the active widths
+  and masks the remainder (per-layer widths: slimmable nets); without, the branches are the
+  exact middle widths (OFA's expand ratios). Both executions give the same numbers.
   """
   mid_channels: int
   out_channels: int
@@ -340,47 +365,50 @@ class ElasticMBConv(nn.Module):
   residual: bool = False
   kernel_transform: bool = True
   depthwise_impl: str = "shift"
-  mid_choices: Sequence[int] = ()   # the middle widths an arch can pick (active execution)
+  branch_widths: Sequence[tuple[int, int, int]] = ()   # active execution's (in, mid, out) widths
+  bucketed: bool = False            # branches are buckets: mask the active widths inside them
   execution: str = "masked"         # or "active"
 
   @nn.compact
-  def __call__(self, x, train: bool, mid_active=None, kernel_size=None, out_active=None):
+  def __call__(self, x, train: bool, mid_active=None, kernel_size=None, out_active=None,
+               in_active=None):
+    """``in_active`` (traced, or None when the input is always full) only picks the branch:
+    the input's inactive channels are already zero."""
     if not self.has_expand and x.shape[-1] != self.mid_channels:
       raise ValueError(f"a block without expand conv runs its depthwise on the input, so "
                        f"mid_channels ({self.mid_channels}) must equal the input's channels "
                        f"({x.shape[-1]})")
-    if (self.execution == "active" and len(self.mid_choices) > 1 and mid_active is not None
-        and not self.is_initializing()):
-      widths = sorted(self.mid_choices)
-      index = jnp.searchsorted(jnp.asarray(widths), mid_active)
-      # Each branch is rematerialised: its backward recomputes its forward, so the switch keeps
-      # only the branch inputs instead of every branch's activations (zero-filled when unused).
-      branches = [nn.remat(lambda mdl, x, k, w=w: mdl.layers(x, train, None, k, out_active, w))
-                  for w in widths]
-      y = nn.switch(index, branches, self, x, kernel_size)
+    if self.execution == "active" and len(self.branch_widths) > 1 and not self.is_initializing():
+      masks = (mid_active, out_active) if self.bucketed else (None, out_active)
+      y = switch_widths(self, (in_active, mid_active, out_active), self.branch_widths,
+                        lambda mdl, x, k, mid, out, w: mdl.layers(x, train, mid, k, out, w),
+                        x, kernel_size, *masks)
     else:
       y = self.layers(x, train, mid_active, kernel_size, out_active)
     return x + y if self.residual else y
 
-  def layers(self, x, train, mid_active, kernel_size, out_active, width=None):
-    """The block without its shortcut: masked at ``mid_active``, or computed at the static
-    middle ``width`` (active-size execution)."""
+  def layers(self, x, train, mid_active, kernel_size, out_active, widths=None):
+    """The block without its shortcut: masked at the traced widths, or computed at the static
+    (in, mid, out) ``widths`` (active-size execution; traced widths mask inside them). Returns
+    all ``out_channels``."""
     act = ACTIVATIONS[self.act]
-    mid_mask = None if width is not None else channel_mask(mid_active, self.mid_channels)
+    in_width, mid_width, out_width = widths or (x.shape[-1], None, None)
     cin = x.shape[-1]
-    y = x
+    y = x[..., :in_width]
+    mid_mask = (channel_mask(mid_active, self.mid_channels) if mid_width is None else
+                None if mid_active is None else channel_mask(mid_active, mid_width))
     if self.has_expand:
       y = ElasticConvBN(self.mid_channels, act=self.act, in_features=cin, name="expand")(
-          y, train, mid_active, width=width)
+          y, train, mid_active, width=mid_width)
     y = ElasticDepthwiseConv(self.kernel_choices, self.stride, self.kernel_transform,
                              self.depthwise_impl, channels=self.mid_channels,
                              execution=self.execution, name="depthwise")(y, kernel_size)
     y = act(ElasticBatchNorm(size=self.mid_channels, name="depthwise_bn")(y, train, mid_mask))
     if self.use_se:
-      y = ElasticSqueezeExcite(self.mid_channels, name="se")(y, None if width else mid_active)
+      y = ElasticSqueezeExcite(self.mid_channels, name="se")(y, mid_active)
     y = ElasticConvBN(self.out_channels, act="identity", in_features=self.mid_channels,
-                      name="project")(y, train, out_active)
-    return y
+                      name="project")(y, train, out_active, width=out_width)
+    return pad_channels(y, self.out_channels)
 
   def slice_variables(self, params: dict, spec: BlockSpec) -> dict:
     """This block's params cut to ``spec``'s sizes (kernel transforms baked in); the batch

@@ -12,13 +12,14 @@ MobileNets.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ofajax.layers.branching import pad_channels, switch_widths
 from ofajax.layers.cnn import ConvBN, ElasticConvBN
 
 
@@ -69,22 +70,45 @@ class ElasticBottleneck(nn.Module):
   (traced ints, or None for the maximum) pick the subnet. The input's inactive channels are
   already zero; with an identity shortcut the caller guarantees its active width equals
   ``out_active`` (OFA ties both to the stage's width multiplier).
+
+  ``execution="active"`` switches among ``branch_widths``, static (in, mid, out) widths,
+  cheapest first, the last the full block, masking the active widths inside the chosen one
+  (see :mod:`ofajax.layers.branching`); ``in_active`` then helps pick the branch.
   """
   mid_channels: int
   out_channels: int
   stride: int = 1
   downsample: bool = False
+  branch_widths: Sequence[tuple[int, int, int]] = ()
+  execution: str = "masked"   # or "active"
 
   @nn.compact
-  def __call__(self, x, train: bool, mid_active=None, out_active=None):
-    shortcut = x
+  def __call__(self, x, train: bool, mid_active=None, out_active=None, in_active=None):
+    if self.execution == "active" and len(self.branch_widths) > 1 and not self.is_initializing():
+      return switch_widths(self, (in_active, mid_active, out_active), self.branch_widths,
+                           lambda mdl, x, mid, out, w: mdl.layers(x, train, mid, out, w),
+                           x, mid_active, out_active)
+    return self.layers(x, train, mid_active, out_active)
+
+  def layers(self, x, train, mid_active, out_active, widths=None):
+    """The block, masked at the traced widths, or at the static (in, mid, out) ``widths`` with
+    the traced ones masked inside; returns all ``out_channels``."""
+    cin = x.shape[-1]
+    in_width, mid_width, out_width = widths or (cin, None, None)
+    xs = x[..., :in_width]
     if self.downsample:
-      shortcut = ElasticConvBN(self.out_channels, act="identity", name="downsample")(
-          avg_pool_ceil(x, self.stride), train, out_active)
-    y = ElasticConvBN(self.mid_channels, 1, 1, "relu", name="conv1")(x, train, mid_active)
-    y = ElasticConvBN(self.mid_channels, 3, self.stride, "relu", name="conv2")(y, train, mid_active)
-    y = ElasticConvBN(self.out_channels, 1, 1, "identity", name="conv3")(y, train, out_active)
-    return jax.nn.relu(y + shortcut)
+      shortcut = ElasticConvBN(self.out_channels, act="identity", in_features=cin,
+                               name="downsample")(avg_pool_ceil(xs, self.stride), train,
+                                                  out_active, width=out_width)
+    else:   # identity: in and out are one width group, so x is zero beyond out_width
+      shortcut = x[..., :out_width]
+    y = ElasticConvBN(self.mid_channels, 1, 1, "relu", in_features=cin, name="conv1")(
+        xs, train, mid_active, width=mid_width)
+    y = ElasticConvBN(self.mid_channels, 3, self.stride, "relu", in_features=self.mid_channels,
+                      name="conv2")(y, train, mid_active, width=mid_width)
+    y = ElasticConvBN(self.out_channels, 1, 1, "identity", in_features=self.mid_channels,
+                      name="conv3")(y, train, out_active, width=out_width)
+    return pad_channels(jax.nn.relu(y + shortcut), self.out_channels)
 
   @staticmethod
   def slice_variables(params: dict, spec: BottleneckSpec) -> dict:
@@ -115,12 +139,17 @@ class Bottleneck(nn.Module):
 
 
 class ElasticResidualConv(nn.Module):
-  """OFA-ResNet's optional stem layer: ``x + relu(bn(conv3x3(x)))`` at an elastic width."""
+  """OFA-ResNet's optional stem layer: ``x + relu(bn(conv3x3(x)))`` at an elastic width
+  (``branch_widths`` / ``execution``: the conv's, see :class:`ElasticConvBN`)."""
   features: int
+  branch_widths: Sequence[tuple[int, int]] = ()
+  execution: str = "masked"
 
   @nn.compact
   def __call__(self, x, train: bool, active=None):
-    return x + ElasticConvBN(self.features, 3, 1, "relu", name="conv")(x, train, active)
+    return x + ElasticConvBN(self.features, 3, 1, "relu", branch_widths=self.branch_widths,
+                             execution=self.execution, name="conv")(x, train, active,
+                                                                    in_active=active)
 
 
 class ResidualConv(nn.Module):

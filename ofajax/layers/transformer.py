@@ -83,44 +83,123 @@ class Attention(nn.Module):
   (out), so a head is one slice of the heads axis. ``head_scale`` [num_heads] multiplies each
   head's context (1 = unchanged); its gradient is the head importance of Michel et al. (2019)
   that DynaBERT uses.
+
+  With ``buckets`` (static head counts, ascending, the last ``num_heads``) and a traced
+  ``heads``, it runs at the smallest bucket holding ``heads`` (active-size execution; see
+  :func:`switch_buckets`).
   """
   num_heads: int
   head_dim: int
   dropout_rate: float = 0.0
   kernel_init: Any = INIT
+  buckets: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, x, key_mask, train: bool, heads=None, head_scale=None):
-    dense = lambda name: nn.DenseGeneral((self.num_heads, self.head_dim),
-                                         kernel_init=self.kernel_init, name=name)
-    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # [B, T, H, K]
+    if heads is not None and len(self.buckets) > 1 and not self.is_initializing():
+      # The dropout mask is drawn here, at full size, because a module inside the switch gets
+      # a different random stream: the branches slice it, dropping what masked execution drops.
+      keep = None
+      if train and self.dropout_rate > 0:
+        shape = (x.shape[0], self.num_heads, x.shape[1], x.shape[1])
+        keep = nn.Dropout(self.dropout_rate, deterministic=False)(jnp.ones(shape, x.dtype))
+      return switch_buckets(self, heads, self.buckets,
+                            lambda mdl, x, m, h, s, d, w: mdl.attend(x, m, train, h, s, w, d),
+                            x, key_mask, heads, head_scale, keep)
+    return self.attend(x, key_mask, train, heads, head_scale)
+
+  def attend(self, x, key_mask, train: bool, heads, head_scale, width=None, keep=None):
+    """Attention over all heads (``width`` None: the parameters' own modules and dropout) or over
+    the first ``width`` (sliced parameters, dropout by the full-size ``keep`` mask, or none);
+    ``heads`` masks within them."""
+    size = width or self.num_heads
+    q, k, v = (self._project(name, x, width) for name in ("query", "key", "value"))
     logits = jnp.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(self.head_dim)
     if key_mask is not None:
       logits = jnp.where(key_mask[:, None, None, :], logits, NEG_INF)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-    probs = nn.Dropout(self.dropout_rate, deterministic=not train)(probs)
+    if width is None:
+      probs = nn.Dropout(self.dropout_rate, deterministic=not train)(probs)
+    elif keep is not None:
+      probs = probs * keep[:, :width]
     context = jnp.einsum("bhqt,bthk->bqhk", probs, v)
-    gate = channel_mask(heads, self.num_heads, context.dtype) if heads is not None else None
+    gate = channel_mask(heads, size, context.dtype) if heads is not None else None
     if head_scale is not None:
-      gate = head_scale if gate is None else gate * head_scale
+      gate = head_scale[:size] if gate is None else gate * head_scale[:size]
     if gate is not None:
       context = context * gate[:, None]
-    return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_init=self.kernel_init,
-                           name="out")(context)
+    if width is None:
+      return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_init=self.kernel_init,
+                             name="out")(context)
+    out = self.variables["params"]["out"]
+    return (jnp.einsum("bthk,hkd->btd", context, out["kernel"][:width])
+            + out["bias"])
+
+  def _project(self, name: str, x, width):
+    """Query / key / value [B, T, heads, head_dim]: all heads, or the first ``width``."""
+    if width is None:
+      return nn.DenseGeneral((self.num_heads, self.head_dim), kernel_init=self.kernel_init,
+                             name=name)(x)
+    p = self.variables["params"][name]
+    return (jnp.einsum("btd,dhk->bthk", x, p["kernel"][:, :width])
+            + p["bias"][:width])
 
 
 class FeedForward(nn.Module):
-  """Dense -> GELU -> Dense with ``ffn`` of ``ffn_dim`` hidden neurons active (a prefix)."""
+  """Dense -> GELU -> Dense with ``ffn`` of ``ffn_dim`` hidden neurons active (a prefix).
+
+  With ``buckets`` (static widths, ascending, the last ``ffn_dim``) and a traced ``ffn``, it
+  runs at the smallest bucket holding ``ffn`` (see :func:`switch_buckets`)."""
   ffn_dim: int
   kernel_init: Any = INIT
+  buckets: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, x, ffn=None):
-    h = jax.nn.gelu(nn.Dense(self.ffn_dim, kernel_init=self.kernel_init, name="fc1")(x),
-                    approximate=False)
+    if ffn is not None and len(self.buckets) > 1 and not self.is_initializing():
+      return switch_buckets(self, ffn, self.buckets,
+                            lambda mdl, x, f, w: mdl.feed_forward(x, f, w), x, ffn)
+    return self.feed_forward(x, ffn)
+
+  def feed_forward(self, x, ffn, width=None):
+    """All ``ffn_dim`` neurons (``width`` None) or the first ``width``; ``ffn`` masks within."""
+    if width is None:
+      h = nn.Dense(self.ffn_dim, kernel_init=self.kernel_init, name="fc1")(x)
+    else:
+      fc1 = self.variables["params"]["fc1"]
+      h = x @ fc1["kernel"][:, :width] + fc1["bias"][:width]
+    h = jax.nn.gelu(h, approximate=False)
     if ffn is not None:  # after the activation: gelu(bias) of an inactive neuron is not zero
-      h = h * channel_mask(ffn, self.ffn_dim, h.dtype)
-    return nn.Dense(x.shape[-1], kernel_init=self.kernel_init, name="fc2")(h)
+      h = h * channel_mask(ffn, width or self.ffn_dim, h.dtype)
+    if width is None:
+      return nn.Dense(x.shape[-1], kernel_init=self.kernel_init, name="fc2")(h)
+    fc2 = self.variables["params"]["fc2"]
+    return h @ fc2["kernel"][:width] + fc2["bias"]
+
+
+def switch_buckets(module: nn.Module, active, buckets: Sequence[int], fn, *operands):
+  """``fn(module, *operands, width)`` at the smallest of the static ``buckets`` (ascending)
+  that holds the traced ``active`` count: one compiled branch per bucket, picked by
+  ``nn.switch``. Each branch slices the maximum-shape parameters, so its gradients land in the
+  prefix that masked execution trains, and masks ``active`` within the bucket, so both
+  executions give the same numbers."""
+  index = jnp.searchsorted(jnp.asarray(buckets), active)
+  branches = [nn.remat(lambda mdl, *ops, w=w: fn(mdl, *ops, w)) if REMAT_BUCKETS else
+              (lambda mdl, *ops, w=w: fn(mdl, *ops, w)) for w in buckets]
+  return nn.switch(index, branches, module, *operands)
+
+
+REMAT_BUCKETS = True
+
+
+def bucket_sizes(values: Sequence[int], fractions: Sequence[float]) -> tuple[int, ...]:
+  """The distinct static widths of width ``fractions``: per fraction the smallest of ``values``
+  (the widths an arch may pick) at or above ``fraction * max(values)``, plus the maximum, so
+  every value fits a bucket."""
+  if not fractions or not all(0 < f <= 1 for f in fractions):
+    raise ValueError(f"width buckets must be fractions in (0, 1], got {tuple(fractions)}")
+  top = max(values)
+  return tuple(sorted({min(v for v in values if v >= f * top - 1e-9) for f in fractions} | {top}))
 
 
 class EncoderLayer(nn.Module):
@@ -133,12 +212,14 @@ class EncoderLayer(nn.Module):
   attention_dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-6
   kernel_init: Any = INIT
+  head_buckets: Sequence[int] = ()   # active-size execution: static head counts
+  ffn_buckets: Sequence[int] = ()    # ... and FFN widths (empty: masked execution)
 
   @nn.compact
   def __call__(self, x, key_mask, train: bool = False, heads=None, ffn=None, head_scale=None):
     attention = Attention(self.num_heads, self.head_dim, self.attention_dropout_rate,
-                          self.kernel_init, name="attention")
-    feed_forward = FeedForward(self.ffn_dim, self.kernel_init, name="ffn")
+                          self.kernel_init, self.head_buckets, name="attention")
+    feed_forward = FeedForward(self.ffn_dim, self.kernel_init, self.ffn_buckets, name="ffn")
     norm1 = nn.LayerNorm(self.layer_norm_eps, name="ln_attention")
     norm2 = nn.LayerNorm(self.layer_norm_eps, name="ln_ffn")
     drop = nn.Dropout(self.dropout_rate, deterministic=not train)
@@ -261,6 +342,6 @@ def width_values(maximum: int, step: int, minimum: int) -> tuple[int, ...]:
   return tuple(range(low, maximum + 1, step))
 
 
-__all__ = ["sincos_2d", "Attention", "FeedForward", "EncoderLayer", "LayerSpec", "DEPTH_RULES", "depth_table",
+__all__ = ["sincos_2d", "Attention", "FeedForward", "switch_buckets", "bucket_sizes", "EncoderLayer", "LayerSpec", "DEPTH_RULES", "depth_table",
            "kept_layers", "run_layers", "slice_layer", "permute_layer", "layer_cost",
            "encoder_cost", "dense_specs", "width_values"]

@@ -41,8 +41,9 @@ class ElasticBERT(ElasticEncoderMixin, nn.Module):
   attention_dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
   resolutions: Sequence[int] = (128,)
-  execution: str = "masked"
-  executions: ClassVar[tuple[str, ...]] = ("masked",)   # active-size execution: not built yet
+  execution: str = "masked"    # or "active": heads and FFN run at static width buckets
+  executions: ClassVar[tuple[str, ...]] = ("masked", "active")
+  width_buckets: Sequence[float] = (0.25, 0.5, 0.75, 1.0)   # active execution's, of the maximum
   layers: Sequence[transformer.LayerSpec] = ()   # non-empty: this is a dense subnet
 
   kernel_init = staticmethod(transformer.INIT)  # a plain attribute: not a module field

@@ -42,8 +42,9 @@ class ElasticViT(ElasticEncoderMixin, nn.Module):
   pool: str = "cls"             # "cls" (class token) or "mean" (average of the patch tokens)
   position: str = "learned"     # "learned" or "sincos" (fixed, no parameters)
   resolutions: Sequence[int] = (224,)
-  execution: str = "masked"
-  executions: ClassVar[tuple[str, ...]] = ("masked",)   # active-size execution: not built yet
+  execution: str = "masked"    # or "active": heads and FFN run at static width buckets
+  executions: ClassVar[tuple[str, ...]] = ("masked", "active")
+  width_buckets: Sequence[float] = (0.25, 0.5, 0.75, 1.0)   # active execution's, of the maximum
   layers: Sequence[transformer.LayerSpec] = ()   # non-empty: this is a dense subnet
 
   kernel_init = staticmethod(transformer.VIT_INIT)  # a plain attribute: not a module field

@@ -19,7 +19,7 @@ from ofajax.space import Leaf, SearchSpace
 
 class ElasticEncoderMixin:
   """Needs the fields ``num_layers, hidden_dim, num_heads, ffn_dim, min_heads, ffn_step,
-  min_ffn_dim, depth_choices, depth_rule, resolutions``."""
+  min_ffn_dim, depth_choices, depth_rule, resolutions, execution, width_buckets``."""
 
   # ------------------------------------------------------------------ sizes
   @property
@@ -67,12 +67,20 @@ class ElasticEncoderMixin:
     return {"depth": np.int32(max(self.depth_values()) if depth is None else depth),
             "heads": np.full((n,), heads, np.int32), "ffn": np.full((n,), ffn, np.int32)}
 
+  def buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Active-size execution's static (head counts, FFN widths): the ``width_buckets``
+    fractions of the maximum, rounded up to an allowed value."""
+    return (transformer.bucket_sizes(self.head_values(), self.width_buckets),
+            transformer.bucket_sizes(self.ffn_values(), self.width_buckets))
+
   # ------------------------------------------------------------------ encoder pieces
   def _layer_kwargs(self) -> dict:
+    heads, ffn = self.buckets() if self.execution == "active" else ((), ())
     return {"head_dim": self.head_dim, "pre_norm": self.pre_norm,
             "dropout_rate": self.dropout_rate,
             "attention_dropout_rate": self.attention_dropout_rate,
-            "layer_norm_eps": self.layer_norm_eps, "kernel_init": self.kernel_init}
+            "layer_norm_eps": self.layer_norm_eps, "kernel_init": self.kernel_init,
+            "head_buckets": heads, "ffn_buckets": ffn}
 
   def _encode(self, x, key_mask, arch, train, head_scale, return_hidden):
     """The layer stack for the supernet (``arch`` given) or the dense subnet (``self.layers``)."""

@@ -112,7 +112,8 @@ class OFAMobileNetV3(nn.Module):
       block = ElasticMBConv(max(mids), cout, tuple(self.kernel_choices), stride, act, se,
                             has_expand=True, residual=residual,
                             kernel_transform=self.kernel_transform,
-                            depthwise_impl=self.depthwise_impl, mid_choices=tuple(mids),
+                            depthwise_impl=self.depthwise_impl,
+                            branch_widths=tuple((cin, m, cout) for m in sorted(mids)),
                             execution=self.execution, name=f"stage{s}_block{i}")
       if i == 0:  # the first block of a stage always runs (it changes width / resolution)
         x = block(x, train, mid_active=layers.lookup(arch["expand"][s, i], self.expand_choices,

@@ -42,6 +42,7 @@ import numpy as np
 
 from ofajax import layers
 from ofajax.layers import ElasticConvBN, make_divisible
+from ofajax.layers.branching import cheapest_first
 from ofajax.layers.gating import gated
 from ofajax.layers.resnet import (BottleneckSpec, ElasticBottleneck, ElasticResidualConv,
                                   max_pool_3x3_s2)
@@ -74,8 +75,8 @@ class OFAResNet50(nn.Module):
   dropout_rate: float = 0.0
   # OFA-ResNet50 is trained at 128-224 (once-for-all README); its accuracy predictor's sizes.
   resolutions: Sequence[int] = (128, 144, 160, 176, 192, 224)
-  execution: str = "masked"
-  executions: ClassVar[tuple[str, ...]] = ("masked",)   # active-size execution: not built yet
+  execution: str = "masked"   # or "active": see ofajax.layers.branching
+  executions: ClassVar[tuple[str, ...]] = ("masked", "active")
 
   @property
   def input_spec(self) -> InputSpec:
@@ -148,25 +149,53 @@ class OFAResNet50(nn.Module):
     keys = (tuple(range(len(self.width_mults))), self.expand_percents)
     return _choice_table((arch["width"][2 + s], arch["expand"][s, i]), keys, self.mid_table(s))
 
+  # ------------------------------------------------------------------ active execution
+  # Every width here takes one of a few values (three width multipliers, three expand ratios),
+  # so the branches are the exact widths: no masked remainder.
+  @staticmethod
+  def _conv_branches(ins, outs, tied=False):
+    """A conv's (in, out) branches: every pair, or matching pairs when one group feeds both."""
+    pairs = zip(ins, outs) if tied else ((i, o) for i in ins for o in outs)
+    return cheapest_first(pairs, np.prod)
+
+  def _block_branches(self, s: int, i: int):
+    """Block (s, i)'s (in, mid, out) branches: per width multiplier, each of its middle widths;
+    the input follows the same multiplier (the previous group's width at that index)."""
+    ins = (self.stage_widths(s - 1) if s else self.stem_widths) if i == 0 else self.stage_widths(s)
+    table = self.mid_table(s)
+    branches = [(ins[w], mid, out) for w, out in enumerate(self.stage_widths(s))
+                for mid in table[w]]
+    return cheapest_first(branches, lambda b: b[0] * b[1] + 9 * b[1] * b[1] + b[1] * b[2])
+
   # ------------------------------------------------------------------ forward
   @nn.compact
   def __call__(self, x, arch, train: bool = False):
     check_channels(x, self.in_channels)
     check_execution(self.execution, self.executions)
     stem_mid, stem_out, stage_widths = self._widths(arch)
-    x = ElasticConvBN(max(self.stem_mid_widths), 3, 2, "relu", name="stem0")(x, train, stem_mid)
+    active = dict(execution=self.execution)
+    x = ElasticConvBN(max(self.stem_mid_widths), 3, 2, "relu",
+                      branch_widths=self._conv_branches([self.in_channels], self.stem_mid_widths),
+                      **active, name="stem0")(x, train, stem_mid)
     run = lambda mdl, x, *widths: mdl(x, train, *widths)
-    x = gated(arch["stem_depth"] == 3, ElasticResidualConv(max(self.stem_mid_widths),
-                                                           name="stem1"), x, stem_mid, call=run)
-    x = ElasticConvBN(max(self.stem_widths), 3, 1, "relu", name="stem2")(x, train, stem_out)
+    stem1 = ElasticResidualConv(max(self.stem_mid_widths), branch_widths=self._conv_branches(
+        self.stem_mid_widths, self.stem_mid_widths, tied=True), **active, name="stem1")
+    x = gated(arch["stem_depth"] == 3, stem1, x, stem_mid, call=run)
+    x = ElasticConvBN(max(self.stem_widths), 3, 1, "relu",
+                      branch_widths=self._conv_branches(self.stem_mid_widths, self.stem_widths),
+                      **active, name="stem2")(x, train, stem_out, in_active=stem_mid)
     x = max_pool_3x3_s2(x)
+    cin = stem_out
     for s, i, _, mid_max, out_max, stride, downsample in self._blocks():
-      block = ElasticBottleneck(mid_max, out_max, stride, downsample, name=f"stage{s}_block{i}")
+      block = ElasticBottleneck(mid_max, out_max, stride, downsample,
+                                branch_widths=self._block_branches(s, i), **active,
+                                name=f"stage{s}_block{i}")
       mid = self._mid(arch, s, i)
       if i < self.base_depths[s] + min(self.extra_depths):   # every subnet runs this block
-        x = block(x, train, mid, stage_widths[s])
+        x = block(x, train, mid, stage_widths[s], cin)
       else:
-        x = gated(i < arch["depth"][s], block, x, mid, stage_widths[s], call=run)
+        x = gated(i < arch["depth"][s], block, x, mid, stage_widths[s], cin, call=run)
+      cin = stage_widths[s]
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=layers.LINEAR_INIT, name="classifier")(x)

@@ -32,6 +32,7 @@ import numpy as np
 
 from ofajax import layers
 from ofajax.layers import BlockSpec, ElasticConvBN, ElasticMBConv, make_divisible
+from ofajax.layers.branching import bucket_widths, cheapest_first
 from ofajax.layers.stats import with_stats
 from ofajax.models.base import InputSpec, check_channels, check_execution
 from ofajax.models.mobilenet import MobileNet, mobilenet_cost
@@ -78,8 +79,11 @@ class SlimMobileNetV2(nn.Module):
   dropout_rate: float = 0.2
   depthwise_impl: str = "shift"
   resolutions: Sequence[int] = (224,)
-  execution: str = "masked"
-  executions: ClassVar[tuple[str, ...]] = ("masked",)   # active-size execution: not built yet
+  execution: str = "masked"    # or "active": see ofajax.layers.branching
+  executions: ClassVar[tuple[str, ...]] = ("masked", "active")
+  # Active execution's width buckets, as fractions of every group's maximum width: a block runs
+  # at the smallest bucket holding all its groups' active widths (masking the rest inside it).
+  width_buckets: Sequence[float] = (0.5, 0.75, 1.0)
 
   @property
   def input_spec(self) -> InputSpec:
@@ -156,20 +160,36 @@ class SlimMobileNetV2(nn.Module):
     check_execution(self.execution, self.executions)
     plan = self._plan()
     width = arch["width"]
+    buckets = self._bucket_widths()
+    branches = lambda *groups: cheapest_first(zip(*(buckets[g] for g in groups)), np.prod)
     x = ElasticConvBN(plan.max_widths[plan.stem_group], KERNEL, self.stem_stride, ACT,
-                      name="stem")(x, train, out_active=width[plan.stem_group])
+                      branch_widths=cheapest_first([(self.in_channels, w)
+                                                   for w in buckets[plan.stem_group]], np.prod),
+                      execution=self.execution, name="stem")(
+                          x, train, out_active=width[plan.stem_group])
     for b in plan.blocks:
       # The residual tie makes x's and y's active widths equal, so x + y stays a prefix.
       x = ElasticMBConv(b.mid_channels, b.out_channels, (KERNEL,), b.stride, ACT, False,
                         has_expand=b.has_expand, residual=b.residual,
-                        depthwise_impl=self.depthwise_impl, name=b.name)(
+                        depthwise_impl=self.depthwise_impl,
+                        branch_widths=branches(b.in_group, b.mid_group, b.out_group),
+                        bucketed=True, execution=self.execution, name=b.name)(
                             x, train, mid_active=width[b.mid_group], kernel_size=None,
-                            out_active=width[b.out_group])
-    x = ElasticConvBN(plan.max_widths[plan.head_group], act=ACT, name="head")(
-        x, train, out_active=width[plan.head_group])
+                            out_active=width[b.out_group], in_active=width[b.in_group])
+    last = plan.blocks[-1].out_group if plan.blocks else plan.stem_group
+    x = ElasticConvBN(plan.max_widths[plan.head_group], act=ACT,
+                      branch_widths=branches(last, plan.head_group), execution=self.execution,
+                      name="head")(x, train, out_active=width[plan.head_group],
+                                   in_active=width[last])
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=layers.LINEAR_INIT, name="classifier")(x)
+
+  def _bucket_widths(self) -> list[tuple[int, ...]]:
+    """Per width group, its static width in each bucket of ``width_buckets``."""
+    if not self.width_buckets or not all(0 < f <= 1 for f in self.width_buckets):
+      raise ValueError(f"width_buckets must be fractions in (0, 1], got {self.width_buckets}")
+    return [bucket_widths(values, self.width_buckets) for values in self.group_values()]
 
   # ------------------------------------------------------------------ dense subnet
   def _widths(self, arch) -> list[int]:
