@@ -71,9 +71,9 @@ def sample_batch(model, resolution: int, batch: int):
       jax.random.key(0), (batch, resolution, resolution, 1))
 
 
-def fixed(arch) -> dict:
-  """A restriction of every leaf to ``arch``'s value (archs with one value per leaf)."""
-  return {k: [int(np.max(np.asarray(v)))] for k, v in arch.items()}
+def only(arch) -> dict:
+  """A restriction of every position of every leaf to ``arch``'s value there."""
+  return {k: np.asarray(v)[..., None].tolist() for k, v in arch.items()}
 
 
 def main():
@@ -103,15 +103,14 @@ def main():
   for mode in modes:
     options["execution"] = mode
     model, space = models.get(config.model, **options)
-    largest = {k: [int(np.max(np.asarray(v)))] for k, v in space.largest().items()}
-    smallest = {k: [int(np.min(np.asarray(v)))] for k, v in space.smallest().items()}
+    largest, smallest = only(space.largest()), only(space.smallest())
     for name, cfg, n, restrict in (("largest", plain, 1, largest),
                                    ("smallest", plain, 1, smallest),
                                    ("half", plain, 1, None),
                                    ("sandwich4", config, 4, {})):
       if name not in steps:
         continue
-      restrict = fixed(model.width_arch(0.5)) if name == "half" else restrict
+      restrict = only(model.width_arch(0.5)) if name == "half" else restrict
       calls[mode, name], compile_s[mode, name] = build(cfg, model, space, n, restrict, batch,
                                                        resolution)
   macs_share = float(model.cost(space.smallest(), resolution)[0]
@@ -125,7 +124,8 @@ def main():
       times[key].append(time.perf_counter() - t0)
   med = {key: float(np.median(v)) for key, v in times.items()}
 
-  print(f"{config.model}, batch {batch}, {resolution}x{resolution}, "
+  size = f"length {resolution}" if models.takes_tokens(model) else f"{resolution}x{resolution}"
+  print(f"{config.model}, batch {batch}, {size}, "
         f"{jax.devices()[0].platform}, median of {args.repeats} interleaved rounds")
   print(f"{'step':<12}" + "".join(f"{m + ' ms':>14}{'compile s':>11}" for m in modes)
         + (f"{'speed-up':>10}" if len(modes) == 2 else ""))

@@ -130,15 +130,28 @@ def test_evaluator_runs_vmapped_archs_masked(small_setup):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["slim_mobilenet_v2_tiny", "ofa_resnet50_tiny"])
-def test_bucketed_models_match_masked(name):
+# Two-stage OFA-ResNet (four bottlenecks, the full width / expand / depth choices): the tiny
+# variant's 18 blocks take minutes to compile in float64.
+SMALL_RESNET = dict(stem_width=16, base_widths=(32, 48), base_depths=(1, 1), strides=(1, 2),
+                    extra_depths=(0, 1))
+
+
+# Three stages of the slimmable MobileNetV2 (a t = 1 block, a residual-tied stage, stride 2).
+SMALL_SLIM = dict(settings=((1, 8, 1, 1), (6, 16, 2, 2), (6, 24, 2, 2)), head_base_width=64)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("slim_mobilenet_v2_tiny", SMALL_SLIM),
+    ("ofa_resnet50_tiny", dict(SMALL_RESNET, active_branches="width")),
+    ("ofa_resnet50_tiny", dict(SMALL_RESNET, active_branches="width_expand"))])
+def test_bucketed_models_match_masked(name, options):
   """Per-layer-width supernets run active at static width buckets (slimmable MobileNetV2) or
   exact width x expand branches (OFA-ResNet50): the same logits, every gradient and the same
   BatchNorm statistics as masked execution, and one trace for every arch. Float64, because
   train-mode BatchNorm over a 4-image batch at 1x1 feature maps amplifies float32 round-off
   (summation order) to ~1e-3 in some gradients."""
   with jax.enable_x64(True):
-    masked, space = models.get(name, execution="masked")
+    masked, space = models.get(name, execution="masked", **options)
     active = masked.clone(execution="active")
     res = space.resolutions[0]
     x = jax.random.normal(jax.random.key(0), (4, res, res, masked.in_channels), jnp.float64)

@@ -2,8 +2,6 @@
 equals masked execution: eval logits, every gradient of a train-mode loss (dropout on), head
 importance gradients; one compile serves every arch."""
 
-import functools
-
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -37,15 +35,22 @@ def _assert_close_trees(a, b, rel):
   assert worst[1] <= rel * scale, (jax.tree_util.keystr(worst[0]), worst[1], scale)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _outputs(model, params, x, arch):
-  """Eval logits and the gradients of a train-mode loss (dropout on)."""
-  def loss(params):
-    logits = model.apply({"params": params}, x, arch, train=True,
-                         rngs={"dropout": jax.random.key(7)})
-    return jnp.sum(jnp.sin(3.0 * logits))
+def _compile(fn, *args):
+  """``jax.jit(fn)`` compiled for ``args`` with the fast (unoptimised) XLA options: one
+  executable serves every arch, and both executions get the same options."""
+  return jax.jit(fn).lower(*args).compile(compiler_options=models.FAST_COMPILE)
 
-  return model.apply({"params": params}, x, arch), jax.grad(loss)(params)
+
+def _outputs_fn(model):
+  """(params, x, arch) -> eval logits and the gradients of a train-mode loss (dropout on)."""
+  def outputs(params, x, arch):
+    def loss(params):
+      logits = model.apply({"params": params}, x, arch, train=True,
+                           rngs={"dropout": jax.random.key(7)})
+      return jnp.sum(jnp.sin(3.0 * logits))
+
+    return model.apply({"params": params}, x, arch), jax.grad(loss)(params)
+  return outputs
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -65,9 +70,11 @@ def test_active_matches_masked_logits_and_gradients(setup):
   masked, active, space, x, params = setup
   archs = [space.largest(), space.smallest()] + [space.sample(jax.random.key(i))
                                                 for i in range(3)]
+  run_masked, run_active = (_compile(_outputs_fn(m), params, x, archs[0])
+                             for m in (masked, active))
   for arch in archs:
-    logits_m, grads_m = _outputs(masked, params, x, arch)
-    logits_a, grads_a = _outputs(active, params, x, arch)
+    logits_m, grads_m = run_masked(params, x, arch)
+    logits_a, grads_a = run_active(params, x, arch)
     np.testing.assert_allclose(logits_a, logits_m, rtol=1e-5,
                                atol=1e-5 * float(jnp.max(jnp.abs(logits_m))))
     assert jax.tree.structure(grads_a) == jax.tree.structure(grads_m)
@@ -78,14 +85,13 @@ def test_active_head_importance_gradients_match_masked(setup):
   masked, active, space, x, params = setup
   scale = jnp.ones((masked.num_layers, masked.num_heads))
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def head_grads(model, arch):
-    return jax.grad(lambda s: jnp.sum(jnp.sin(model.apply({"params": params}, x, arch,
-                                                          head_scale=s))))(scale)
+  def head_grads(model):
+    return lambda arch: jax.grad(lambda s: jnp.sum(jnp.sin(
+        model.apply({"params": params}, x, arch, head_scale=s))))(scale)
 
   arch = space.sample(jax.random.key(4))
-  np.testing.assert_allclose(head_grads(active, arch), head_grads(masked, arch), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(_compile(head_grads(active), arch)(arch),
+                             _compile(head_grads(masked), arch)(arch), rtol=1e-5, atol=1e-6)
 
 
 def test_active_compiles_once_and_switches_over_the_buckets(setup):

@@ -226,6 +226,7 @@ def test_missing_text_dataset_names_the_build_command(tmp_path):
 def tiny_text_config(data_dir: str) -> ml_collections.ConfigDict:
   c = default.get_config()
   c.model = "elastic_bert_tiny"
+  c.execution = "masked"  # compiles faster; execution modes have their own tests
   # The pipeline's vocabulary has model_options.vocab_size ids (the trainer passes the model's
   # vocab_size to the data iterators).
   c.model_options = ml_collections.ConfigDict({"num_classes": 2, "vocab_size": 64})

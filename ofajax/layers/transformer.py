@@ -5,6 +5,12 @@ active sizes) a layer computes at full size and zeroes the inactive heads and FF
 built with smaller ``num_heads`` / ``ffn_dim`` and called without them it *is* the dense
 subnet, with the same parameter names, so export is slicing (:func:`slice_layer`).
 
+Active-size execution (``head_buckets`` / ``ffn_buckets`` of :class:`EncoderLayer`) runs each
+attention and FFN at the smallest of a few static widths ("buckets") that holds the traced active
+size, slicing the parameters to it and masking the remainder: the same numbers as masking, at
+about the cost of the bucket. The hidden size is fixed, so the switches take and return
+full-width tensors.
+
 Widths are prefixes: the first ``heads`` heads and the first ``ffn`` neurons are active. Re-ordering
 by importance (``ofajax.importance``) permutes the parameters so that those prefixes hold the
 most important heads and neurons (:func:`permute_layer`).
@@ -24,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ofajax.layers.branching import bucket_widths, switch_widths
 from ofajax.layers.common import channel_mask
 from ofajax.layers.gating import gated
 
@@ -85,8 +92,8 @@ class Attention(nn.Module):
   that DynaBERT uses.
 
   With ``buckets`` (static head counts, ascending, the last ``num_heads``) and a traced
-  ``heads``, it runs at the smallest bucket holding ``heads`` (active-size execution; see
-  :func:`switch_buckets`).
+  ``heads``, it runs at the smallest bucket holding ``heads``, masking the rest of the bucket
+  (active-size execution, :mod:`ofajax.layers.branching`).
   """
   num_heads: int
   head_dim: int
@@ -103,9 +110,9 @@ class Attention(nn.Module):
       if train and self.dropout_rate > 0:
         shape = (x.shape[0], self.num_heads, x.shape[1], x.shape[1])
         keep = nn.Dropout(self.dropout_rate, deterministic=False)(jnp.ones(shape, x.dtype))
-      return switch_buckets(self, heads, self.buckets,
-                            lambda mdl, x, m, h, s, d, w: mdl.attend(x, m, train, h, s, w, d),
-                            x, key_mask, heads, head_scale, keep)
+      return switch_widths(self, (heads,), [(b,) for b in self.buckets],
+                           lambda mdl, x, m, h, s, d, w: mdl.attend(x, m, train, h, s, w[0], d),
+                           x, key_mask, heads, head_scale, keep)
     return self.attend(x, key_mask, train, heads, head_scale)
 
   def attend(self, x, key_mask, train: bool, heads, head_scale, width=None, keep=None):
@@ -132,24 +139,24 @@ class Attention(nn.Module):
       return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_init=self.kernel_init,
                              name="out")(context)
     out = self.variables["params"]["out"]
-    return (jnp.einsum("bthk,hkd->btd", context, out["kernel"][:width])
-            + out["bias"])
+    return jnp.einsum("bthk,hkd->btd", context, out["kernel"][:width]) + out["bias"]
 
   def _project(self, name: str, x, width):
     """Query / key / value [B, T, heads, head_dim]: all heads, or the first ``width``."""
     if width is None:
       return nn.DenseGeneral((self.num_heads, self.head_dim), kernel_init=self.kernel_init,
                              name=name)(x)
+    # A bucket reads the module's full-shape parameters and slices them (calling the module
+    # would make parameters of the bucket's shape); masked execution calls the modules as before.
     p = self.variables["params"][name]
-    return (jnp.einsum("btd,dhk->bthk", x, p["kernel"][:, :width])
-            + p["bias"][:width])
+    return jnp.einsum("btd,dhk->bthk", x, p["kernel"][:, :width]) + p["bias"][:width]
 
 
 class FeedForward(nn.Module):
   """Dense -> GELU -> Dense with ``ffn`` of ``ffn_dim`` hidden neurons active (a prefix).
 
   With ``buckets`` (static widths, ascending, the last ``ffn_dim``) and a traced ``ffn``, it
-  runs at the smallest bucket holding ``ffn`` (see :func:`switch_buckets`)."""
+  runs at the smallest bucket holding ``ffn``, as :class:`Attention` does with heads."""
   ffn_dim: int
   kernel_init: Any = INIT
   buckets: Sequence[int] = ()
@@ -157,8 +164,8 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x, ffn=None):
     if ffn is not None and len(self.buckets) > 1 and not self.is_initializing():
-      return switch_buckets(self, ffn, self.buckets,
-                            lambda mdl, x, f, w: mdl.feed_forward(x, f, w), x, ffn)
+      return switch_widths(self, (ffn,), [(b,) for b in self.buckets],
+                           lambda mdl, x, f, w: mdl.feed_forward(x, f, w[0]), x, ffn)
     return self.feed_forward(x, ffn)
 
   def feed_forward(self, x, ffn, width=None):
@@ -177,29 +184,13 @@ class FeedForward(nn.Module):
     return h @ fc2["kernel"][:width] + fc2["bias"]
 
 
-def switch_buckets(module: nn.Module, active, buckets: Sequence[int], fn, *operands):
-  """``fn(module, *operands, width)`` at the smallest of the static ``buckets`` (ascending)
-  that holds the traced ``active`` count: one compiled branch per bucket, picked by
-  ``nn.switch``. Each branch slices the maximum-shape parameters, so its gradients land in the
-  prefix that masked execution trains, and masks ``active`` within the bucket, so both
-  executions give the same numbers."""
-  index = jnp.searchsorted(jnp.asarray(buckets), active)
-  branches = [nn.remat(lambda mdl, *ops, w=w: fn(mdl, *ops, w)) if REMAT_BUCKETS else
-              (lambda mdl, *ops, w=w: fn(mdl, *ops, w)) for w in buckets]
-  return nn.switch(index, branches, module, *operands)
-
-
-REMAT_BUCKETS = True
-
-
 def bucket_sizes(values: Sequence[int], fractions: Sequence[float]) -> tuple[int, ...]:
-  """The distinct static widths of width ``fractions``: per fraction the smallest of ``values``
-  (the widths an arch may pick) at or above ``fraction * max(values)``, plus the maximum, so
-  every value fits a bucket."""
+  """The distinct static widths (ascending) of width ``fractions``: per fraction the smallest of
+  ``values`` (the widths an arch may pick) at or above ``fraction * max(values)``, plus the
+  maximum, so every value fits a bucket."""
   if not fractions or not all(0 < f <= 1 for f in fractions):
     raise ValueError(f"width buckets must be fractions in (0, 1], got {tuple(fractions)}")
-  top = max(values)
-  return tuple(sorted({min(v for v in values if v >= f * top - 1e-9) for f in fractions} | {top}))
+  return tuple(sorted(set(bucket_widths(values, fractions))))
 
 
 class EncoderLayer(nn.Module):
@@ -342,6 +333,6 @@ def width_values(maximum: int, step: int, minimum: int) -> tuple[int, ...]:
   return tuple(range(low, maximum + 1, step))
 
 
-__all__ = ["sincos_2d", "Attention", "FeedForward", "switch_buckets", "bucket_sizes", "EncoderLayer", "LayerSpec", "DEPTH_RULES", "depth_table",
+__all__ = ["sincos_2d", "Attention", "FeedForward", "bucket_sizes", "EncoderLayer", "LayerSpec", "DEPTH_RULES", "depth_table",
            "kept_layers", "run_layers", "slice_layer", "permute_layer", "layer_cost",
            "encoder_cost", "dense_specs", "width_values"]
