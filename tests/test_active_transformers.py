@@ -12,8 +12,10 @@ from ofajax import models
 from ofajax.layers import transformer
 
 # Dropout on, so the test covers active execution drawing the same dropout masks as masked.
+# The tiny models' default buckets are every allowed width; the ViT's coarser ones (2 or 4 heads,
+# 32 or 64 neurons) make branches mask heads and neurons inside their bucket.
 MODELS = {"elastic_vit_tiny": dict(num_layers=2, depth_choices=(1, 2), dropout_rate=0.1,
-                                   attention_dropout_rate=0.1),
+                                   attention_dropout_rate=0.1, width_buckets=(0.5, 1.0)),
           "elastic_bert_tiny": dict(dropout_rate=0.1, attention_dropout_rate=0.1)}
 
 
