@@ -46,3 +46,13 @@ def perturb():
 
 def rel_err(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def assert_close_trees(a, b, rel):
+  """Every leaf of ``b`` within ``rel`` x the largest entry of any leaf of ``a`` (names the
+  worst leaf on failure)."""
+  scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(a))
+  diffs = jax.tree_util.tree_leaves_with_path(
+      jax.tree.map(lambda p, q: float(jnp.max(jnp.abs(p - q))), a, b))
+  worst = max(diffs, key=lambda kv: kv[1])
+  assert worst[1] <= rel * scale, (jax.tree_util.keystr(worst[0]), worst[1], scale)

@@ -15,6 +15,7 @@ import pytest
 from ofajax import evaluation, layers, models
 from ofajax.layers import branching, conv
 from ofajax.models.ofa_mbv3 import OFAMobileNetV3
+from conftest import assert_close_trees
 
 SMALL = dict(num_classes=10, base_widths=(8, 8, 16, 24, 48, 64), strides=(1, 2, 2),
              acts=("relu", "relu", "h_swish"), use_se=(False, False, True),
@@ -41,14 +42,6 @@ def _outputs(model, variables, x, arch):
   return model.apply(variables, x, arch, train=False), grads, stats
 
 
-def _assert_close_trees(a, b, rel):
-  scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(a))
-  diffs = jax.tree_util.tree_leaves_with_path(
-      jax.tree.map(lambda p, q: float(jnp.max(jnp.abs(p - q))), a, b))
-  worst = max(diffs, key=lambda kv: kv[1])
-  assert worst[1] <= rel * scale, (jax.tree_util.keystr(worst[0]), worst[1], scale)
-
-
 @pytest.fixture(scope="module")
 def small_setup():
   masked, active = _small("masked"), _small("active")
@@ -72,8 +65,8 @@ def _assert_modes_agree(masked, active, space, variables, x, seed, rel):
     logits_m, grads_m, stats_m = _outputs(masked, variables, x, arch)
     logits_a, grads_a, stats_a = _outputs(active, variables, x, arch)
     np.testing.assert_allclose(logits_a, logits_m, rtol=rel, atol=rel)
-    _assert_close_trees(grads_m, grads_a, rel)
-    _assert_close_trees(stats_m, stats_a, rel / 10)
+    assert_close_trees(grads_m, grads_a, rel)
+    assert_close_trees(stats_m, stats_a, rel / 10)
   assert _TRACES[active] - before <= 1   # 0 when an earlier test traced it already
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from ofajax import models
 from ofajax.layers import transformer
+from conftest import assert_close_trees
 
 # Dropout on, so the test covers active execution drawing the same dropout masks as masked.
 # The tiny models' default buckets are every allowed width; the ViT's coarser ones (2 or 4 heads,
@@ -26,15 +27,6 @@ def _inputs(model, space, batch=3):
     lengths = jnp.array([spec.shape[1], 5, 2])[:batch]
     return jnp.where(jnp.arange(spec.shape[1]) < lengths[:, None], tokens, model.pad_id)
   return jax.random.normal(jax.random.key(0), spec.shape)
-
-
-def _assert_close_trees(a, b, rel):
-  """Every leaf of ``b`` within ``rel`` x the largest entry of ``a`` of ``a``."""
-  scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(a))
-  diffs = jax.tree_util.tree_leaves_with_path(
-      jax.tree.map(lambda p, q: float(jnp.max(jnp.abs(p - q))), a, b))
-  worst = max(diffs, key=lambda kv: kv[1])
-  assert worst[1] <= rel * scale, (jax.tree_util.keystr(worst[0]), worst[1], scale)
 
 
 def _compile(fn, *args):
@@ -80,7 +72,7 @@ def test_active_matches_masked_logits_and_gradients(setup):
     np.testing.assert_allclose(logits_a, logits_m, rtol=1e-5,
                                atol=1e-5 * float(jnp.max(jnp.abs(logits_m))))
     assert jax.tree.structure(grads_a) == jax.tree.structure(grads_m)
-    _assert_close_trees(grads_m, grads_a, 1e-5)
+    assert_close_trees(grads_m, grads_a, 1e-5)
 
 
 def test_active_head_importance_gradients_match_masked(setup):

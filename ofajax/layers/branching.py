@@ -51,6 +51,8 @@ def bucket_widths(values: Sequence[int], fractions: Sequence[float]) -> tuple[in
   """Per fraction (ascending), the static width a bucket computes: the smallest of ``values``
   (the widths an arch may pick) at or above ``fraction * max(values)``. A last bucket of
   ``max(values)`` is added when the fractions stop short of 1, so every value fits a bucket."""
+  if not fractions or not all(0 < f <= 1 for f in fractions):
+    raise ValueError(f"width buckets must be fractions in (0, 1], got {tuple(fractions)}")
   maximum = max(values)
   out = [min(v for v in values if v >= f * maximum - 1e-9) for f in sorted(fractions)]
   return tuple(out) if out[-1] == maximum else (*out, maximum)

@@ -188,8 +188,6 @@ def bucket_sizes(values: Sequence[int], fractions: Sequence[float]) -> tuple[int
   """The distinct static widths (ascending) of width ``fractions``: per fraction the smallest of
   ``values`` (the widths an arch may pick) at or above ``fraction * max(values)``, plus the
   maximum, so every value fits a bucket."""
-  if not fractions or not all(0 < f <= 1 for f in fractions):
-    raise ValueError(f"width buckets must be fractions in (0, 1], got {tuple(fractions)}")
   return tuple(sorted(set(bucket_widths(values, fractions))))
 
 

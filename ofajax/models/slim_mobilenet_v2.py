@@ -187,8 +187,6 @@ class SlimMobileNetV2(nn.Module):
 
   def _bucket_widths(self) -> list[tuple[int, ...]]:
     """Per width group, its static width in each bucket of ``width_buckets``."""
-    if not self.width_buckets or not all(0 < f <= 1 for f in self.width_buckets):
-      raise ValueError(f"width_buckets must be fractions in (0, 1], got {self.width_buckets}")
     return [bucket_widths(values, self.width_buckets) for values in self.group_values()]
 
   # ------------------------------------------------------------------ dense subnet
