@@ -1,5 +1,6 @@
 """Search engine throughput: candidates scored per second, BN calibration included, batched
-engine against the same archs scored one by one in a Python loop.
+engine against the same archs scored one by one in a Python loop, masked and (where the model
+has it) at active size (``engine.execution="active"``).
 
 Both sides use the engine's compiled function (compiled before timing): the batched side scores
 all archs in chunks of ``--chunk`` (``--archs_per_call`` of them vmapped), the loop side calls it
@@ -55,11 +56,13 @@ def main():
   search_data = search_evaluator(search_config, sup, search_config.valid_split)
   rng = np.random.default_rng(0)
   archs = [space.random_host(rng) for _ in range(args.num_archs)]
-  side = lambda chunk, apc: Evaluator(model, variables, search_data.calib_inputs,
-                                      search_data.eval_batches, search_data.num_examples, chunk,
-                                      apc)
+  side = lambda chunk, apc, execution="masked": Evaluator(
+      models.with_execution(model, execution), variables, search_data.calib_inputs,
+      search_data.eval_batches, search_data.num_examples, chunk, apc)
 
   sides = {"one by one": side(1, 1)}
+  if "active" in model.executions:   # engine.execution="active": each arch at its own size
+    sides["one by one, active"] = side(1, 1, "active")
   for apc in args.archs_per_call:
     sides[f"batched (chunk {args.chunk}, vmap {apc})"] = side(args.chunk, apc)
   compile_s = {}

@@ -25,8 +25,14 @@ def conv2d(x, kernel, stride: int = 1):
   """Regular conv, NHWC/HWIO, symmetric padding k//2 as PyTorch/OFA pad (so imported weights
   see the same pixels)."""
   k = kernel.shape[0]
-  if k == 1 and stride == 1:
-    return jnp.einsum("nhwi,io->nhwo", x, kernel[0, 0])
+  if k == 1:
+    # A 1x1 conv is a matmul over the positions. As a 2-D dot its forward + backward runs
+    # 2.2-3.0x faster on XLA:CPU than the einsum "nhwi,io->nhwo", whose weight gradient
+    # contracts three axes (measured on OFA-MobileNetV3's expand shapes, batch 32 at 128 px;
+    # bench/profile_train_step.py found the einsum's gradient among the costliest kernels).
+    x = x[:, ::stride, ::stride] if stride > 1 else x
+    n, h, w, c = x.shape
+    return jnp.dot(x.reshape(n * h * w, c), kernel[0, 0]).reshape(n, h, w, kernel.shape[-1])
   p = k // 2
   return lax.conv_general_dilated(x, kernel, (stride, stride), ((p, p), (p, p)),
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
