@@ -149,24 +149,35 @@ def only(arch) -> dict:
   return {k: np.asarray(v)[..., None].tolist() for k, v in arch.items()}
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(description: str) -> argparse.ArgumentParser:
+  """A parser with the model, its options (JSON), resolution and batch (default: the default
+  config's); :func:`model_setup` reads them."""
+  p = argparse.ArgumentParser(description=description)
   p.add_argument("--model", default="")
+  p.add_argument("--options", default="{}", help="model options, JSON")
   p.add_argument("--resolution", type=int, default=0)
   p.add_argument("--batch", type=int, default=0)
-  p.add_argument("--modes", default="masked,active")
-  p.add_argument("--steps", default=",".join(DEFAULT_STEPS), help=f"some of {STEPS}")
-  p.add_argument("--options", default="{}", help="model options, JSON")
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--out", default="")
-  args = p.parse_args()
+  return p
+
+
+def model_setup(args):
+  """(the default config naming ``args.model``, its model options, resolution, batch)."""
   config = default.get_config()
   options = dict(config.model_options)
   if args.model and args.model != config.model:
     config.model, options = args.model, {}
   options.update(json.loads(args.options))
-  resolution = args.resolution or config.resolution
-  batch = args.batch or config.batch_size
+  return config, options, args.resolution or config.resolution, args.batch or config.batch_size
+
+
+def main():
+  p = model_arguments(__doc__.split("\n\n")[0])
+  p.add_argument("--modes", default="masked,active")
+  p.add_argument("--steps", default=",".join(DEFAULT_STEPS), help=f"some of {STEPS}")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+  config, options, resolution, batch = model_setup(args)
   modes = args.modes.split(",")
   steps = [s for s in STEPS if s in args.steps.split(",")]
   plain = default.get_config()

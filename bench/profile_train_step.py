@@ -17,7 +17,6 @@ Prints two tables (share of the traced kernel time) and writes JSON under ``benc
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -97,23 +96,15 @@ def trace_events(log_dir: str) -> list[dict]:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", default="")
-  p.add_argument("--resolution", type=int, default=0)
-  p.add_argument("--batch", type=int, default=0)
+  p = bench.model_arguments(__doc__.split("\n\n")[0])
   p.add_argument("--execution", default="active")
   p.add_argument("--step", default="largest", choices=("largest", "smallest", "sandwich4"))
   p.add_argument("--traced_steps", type=int, default=2)
   p.add_argument("--top", type=int, default=12, help="also list the costliest kernels")
   p.add_argument("--out", default="")
   args = p.parse_args()
-  config = default.get_config()
-  options = dict(config.model_options)
-  if args.model and args.model != config.model:
-    config.model, options = args.model, {}
+  config, options, resolution, batch = bench.model_setup(args)
   options["execution"] = args.execution
-  resolution = args.resolution or config.resolution
-  batch = args.batch or config.batch_size
   model, space = models.get(config.model, **options)
   plain = default.get_config()
   plain.distill = "none"
