@@ -1,10 +1,10 @@
 """Train-step cost per execution mode: masked (every layer at its largest size) against active
 (each elastic block computes only its active subnet).
 
-For each mode three jitted steps are compiled and timed: plain training of the largest subnet,
-of the smallest subnet, and the sandwich step (largest, smallest, 2 random; in-place
-distillation). Rounds are interleaved (every step of every mode once per round), so machine noise
-hits all of them alike; the table gives medians, compile times, and two shape ratios: sandwich /
+For each mode one jitted step per ``--steps`` entry is compiled and timed; by default plain
+training of the largest subnet, of the smallest subnet, and the sandwich step (largest,
+smallest, 2 random; in-place distillation). Rounds are interleaved (every step of every mode
+once per round), so machine noise hits all of them alike; the table gives medians, compile times, and two shape ratios: sandwich /
 largest (PyTorch OFA: 1.7x, issue 13) and the smallest step's share of the largest's time against
 its share of the MACs (1.0 means compute follows MACs exactly). ``--steps half`` adds plain
 training of a transformer's half-width subnet (``width_arch(0.5)``, DynaBERT's width multiplier),
@@ -96,14 +96,19 @@ def covering_archs(space, limit: int = 27) -> list[dict]:
   for picks in np.ndindex(*counts):
     arch = dict(largest)
     for leaf, pick in zip(free, picks):
-      shape = largest[leaf.name].shape
-      parent = lambda pos: (None if leaf.parent is None
-                            else int(arch[leaf.parent][pos[:arch[leaf.parent].ndim]]))
-      arch[leaf.name] = np.array(
-          [(lambda c: c[min(pick, len(c) - 1)])(space.choices(leaf.name, pos, parent(pos)))
-           for pos in np.ndindex(shape)], np.int32).reshape(shape)
+      arch[leaf.name] = per_position(space, arch, leaf, lambda c, i=pick: c[min(i, len(c) - 1)])
     archs.append(arch)
   return archs
+
+
+def per_position(space, arch: dict, leaf, pick) -> np.ndarray:
+  """Leaf values for ``arch``: at every position ``pick(choices)`` from the values that position
+  allows under its parent's value in ``arch`` (coupling, e.g. CompOFA's depth -> expand)."""
+  shape = np.asarray(space.largest()[leaf.name]).shape
+  parent = (lambda pos: None) if leaf.parent is None else (
+      lambda pos: int(arch[leaf.parent][pos[:np.ndim(arch[leaf.parent])]]))
+  return np.array([pick(space.choices(leaf.name, pos, parent(pos))) for pos in np.ndindex(shape)],
+                  np.int32).reshape(shape)
 
 
 def sample_batch(model, resolution: int, batch: int):
@@ -116,13 +121,10 @@ def sample_batch(model, resolution: int, batch: int):
 
 def middle(space) -> dict:
   """Every position at the middle of its allowed values (OFA-MobileNetV3: depth 3, kernel 5,
-  expand 4), as host arrays."""
+  expand 4), as host arrays; leaves follow their parents' values."""
   arch = {}
-  for leaf in space.leaves:
-    shape = np.asarray(space.largest()[leaf.name]).shape
-    arch[leaf.name] = np.array([
-        (lambda c: c[len(c) // 2])(space.choices(leaf.name, pos)) for pos in np.ndindex(shape)],
-        np.int32).reshape(shape)
+  for leaf in space.leaves:   # parents come first in a space's leaves
+    arch[leaf.name] = per_position(space, arch, leaf, lambda c: c[len(c) // 2])
   return arch
 
 
