@@ -6,7 +6,8 @@ def to_cifar10(c):
   scale = 256 / c.batch_size
   c.model_options.num_classes = 10
   c.model_options.stem_stride = 1
-  c.dataset, c.train_split, c.test_split = "cifar10", "train", "test"
+  c.dataset, c.test_split = "cifar10", "test"
+  c.train_split, c.holdout = "train[:-5000]", 5000  # 10% of the 50k held out for search
   c.resolution, c.train_resolutions, c.augment = 32, (), "cifar"
   c.batch_size = 256
   c.eval.calib_batch_size = 128

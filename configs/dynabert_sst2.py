@@ -71,18 +71,20 @@ def get_config(stage: str = "elastic"):
   c.distill = "teacher"
   c.kd_loss = "soft_ce"         # DynaBERT's logit loss: soft cross-entropy
   c.kd_temperature = 1.0
-  c.hidden_mse_weight = 1.0     # ... plus hidden-state and embedding MSE, equally weighted
-  c.embedding_mse_weight = 1.0
+  c.teacher_ce_weight = 0.0     # no hard-label loss beside the teacher (lambda1 * logits only)
+  c.hidden_mse_weight = 1.0     # hidden states and the embedding output, equally weighted,
+  c.embedding_mse_weight = 1.0  # scaled per stage by the phase's hidden_scale (lambda2)
   c.reorder.enabled = True
   c.reorder.batches = 32
+  widths = [1.0, 0.75, 0.5, 0.25]  # of heads and FFN neurons, the same in every layer
   c.phases = [
       ml_collections.ConfigDict({
           "name": "width", "epochs": 3.0, "learning_rate": c.get_ref("learning_rate"),
-          "warmup_epochs": 0.1, "num_subnets": 4, "sampling": "random",
-          "restrict": {"depth": [12], **widths}}),
+          "warmup_epochs": 0.3, "sampling": "all", "uniform": ["heads", "ffn"],
+          "multipliers": widths, "hidden_scale": 0.1, "restrict": {"depth": [12]}}),
       ml_collections.ConfigDict({
           "name": "width_depth", "epochs": 3.0, "learning_rate": c.get_ref("learning_rate"),
-          "warmup_epochs": 0.1, "num_subnets": 4, "sampling": "random",
-          "restrict": dict(widths)}),
+          "warmup_epochs": 0.3, "sampling": "all", "uniform": ["heads", "ffn"],
+          "multipliers": widths, "hidden_scale": 1.0, "restrict": {}}),
   ]
   return c

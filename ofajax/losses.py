@@ -46,10 +46,11 @@ def hidden_state_mse(student: dict, teacher: dict) -> tuple[jax.Array, jax.Array
   """(hidden-state MSE, embedding MSE) between a subnet and its teacher.
 
   Both dicts come from a transformer's ``apply(..., return_hidden=True)``: "layers" [L, B, T, D]
-  (each layer's output), "embedding" [B, T, D], "keep" [L] and "token_mask" [B, T]. Layer l of
-  the subnet is matched with layer l of the teacher, over the layers the subnet keeps: a dropped
-  layer passes its input on, so the kept ones are DynaBERT's mapped layers. Padding tokens do not
-  count. Every token's vector is standardised (a LayerNorm without parameters) before the
+  (each layer's output), "embedding" [B, T, D], "keep" [L] and "token_mask" [B, T]. Over the
+  layers the subnet keeps, its k-th kept layer (1-based) of d*L is matched with the teacher's
+  layer floor(k / d), DynaBERT's mapping (``kept_layers_index`` in its run_glue.py): a subnet
+  at half depth matches teacher layers 2, 4, ..., L, and its last layer always the teacher's
+  last. Padding tokens do not count. Every token's vector is standardised (a LayerNorm without parameters) before the
   squared error: a pre-LN transformer's residual stream grows in scale with depth and training,
   and unnormalised MSE on it made training diverge (measured on the MNIST ViT: gradient norm 1.5
   -> 320 in 40 steps); post-LN BERT's hidden states are normalised already.
@@ -62,11 +63,22 @@ def hidden_state_mse(student: dict, teacher: dict) -> tuple[jax.Array, jax.Array
     return jnp.mean(jnp.square(a - b), axis=-1)
 
   normaliser = jnp.maximum(jnp.sum(tokens), 1.0)
-  per_layer = jnp.sum(per_token(student["layers"], teacher["layers"]) * tokens, axis=(1, 2))
+  matched = jnp.take(teacher["layers"], teacher_layers(student["keep"]), axis=0)
+  per_layer = jnp.sum(per_token(student["layers"], matched) * tokens, axis=(1, 2))
   keep = student["keep"].astype(jnp.float32)
   hidden = jnp.sum(per_layer * keep) / (normaliser * jnp.maximum(jnp.sum(keep), 1.0))
   embedding = jnp.sum(per_token(student["embedding"], teacher["embedding"]) * tokens) / normaliser
   return hidden, embedding
+
+
+def teacher_layers(keep) -> jax.Array:
+  """Per layer position of the subnet, the (0-based) teacher layer its output is matched with:
+  the k-th kept of D layers (1-based k) takes teacher layer floor(k * L / D) - 1, i.e. DynaBERT's
+  floor(k / d) with d = D / L. Positions not kept get an index too; their terms are masked."""
+  keep = jnp.asarray(keep).astype(jnp.int32)
+  num_layers = keep.shape[0]
+  kept = jnp.maximum(jnp.sum(keep), 1)
+  return jnp.clip(jnp.cumsum(keep) * num_layers // kept - 1, 0, num_layers - 1)
 
 
 def _standardise(x, eps: float = 1e-6):

@@ -230,6 +230,25 @@ class SearchSpace:
       arch[leaf.name] = np.asarray(leaf.values, np.int32)[idx]
     return {k: jnp.asarray(v) for k, v in arch.items()}
 
+  def uniform(self, multiplier: float, names: Sequence[str], base: Mapping[str, Any] | None = None
+              ) -> dict[str, np.ndarray]:
+    """One width multiplier for the whole network (US-Nets, DynaBERT), on the host: every
+    position of the leaves ``names`` takes the allowed value nearest to ``multiplier`` x its
+    largest allowed value (ties go to the larger); the other leaves come from ``base``
+    (default: the largest arch)."""
+    base = self.largest() if base is None else base
+    arch = {k: np.asarray(v, np.int64) for k, v in base.items()}
+    for name in names:
+      leaf = self.leaf(name)
+      values = np.asarray(leaf.values, np.float64)
+      mask = self._allowed[name]
+      largest = np.where(mask, values, -np.inf).max(-1, keepdims=True)
+      distance = np.where(mask, np.abs(values - multiplier * largest), np.inf)
+      # reversed argmin: among equal distances, the larger value
+      idx = len(values) - 1 - np.argmin(distance[..., ::-1], -1)
+      arch[name] = np.asarray(leaf.values, np.int64)[idx]
+    return arch
+
   # ---------------------------------------------------------------- sampling (pure JAX)
   def sample(self, key: jax.Array, tables: dict | None = None) -> Arch:
     """A uniformly random value per position (as OFA samples), inside jit/vmap/scan.

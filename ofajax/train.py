@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from ofajax import cost, data, distributed, evaluation, losses, models, precision, reporting
+from ofajax.phases import Phase, sample_archs
 from ofajax import workdir as workdir_lib
 from ofajax.metrics_writer import MetricsWriter
 from ofajax.preemption import PreemptionGuard
@@ -42,39 +43,14 @@ from ofajax.workdir import Checkpoints, TrainState
 # --------------------------------------------------------------------------- configuration
 
 
-class Phase:
-  """A training phase as static facts (host) and as traced data (the step's argument)."""
-
-  def __init__(self, cfg, index: int, space, steps_per_epoch: int):
-    self.name = cfg.get("name", f"phase{index}")
-    self.steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    # optax's cosine length includes the warmup, which must leave at least one step of decay.
-    self.warmup_steps = min(int(round(cfg.get("warmup_epochs", 0.0) * steps_per_epoch)),
-                            self.steps - 1)
-    self.learning_rate = float(cfg.learning_rate)
-    self.num_subnets = int(cfg.num_subnets)
-    self.sandwich = cfg.get("sampling", "sandwich") == "sandwich"
-    if cfg.get("sampling", "sandwich") not in ("sandwich", "random"):
-      raise ValueError(f"phase {self.name!r}: sampling must be 'sandwich' or 'random', "
-                       f"got {cfg.sampling!r}")
-    if self.sandwich and self.num_subnets < 2:
-      raise ValueError(f"phase {self.name!r}: the sandwich rule needs num_subnets >= 2")
-    restrict = {k: list(v) for k, v in dict(cfg.get("restrict", {})).items()}
-    self.space = space.restrict(**restrict) if restrict else space
-
-  def as_data(self) -> dict:
-    return {"tables": self.space.tables(), "largest": self.space.largest(),
-            "smallest": self.space.smallest(), "num_subnets": jnp.int32(self.num_subnets),
-            "sandwich": jnp.bool_(self.sandwich)}
-
-
 def check_config(config) -> None:
   if config.distill not in ("inplace", "teacher", "none"):
     raise ValueError(f"config.distill must be 'inplace', 'teacher' or 'none', got {config.distill!r}")
-  if config.distill == "inplace" and any(p.get("sampling", "sandwich") != "sandwich"
+  if config.distill == "inplace" and any(p.get("sampling", "sandwich") not in ("sandwich", "all")
                                          for p in config.phases):
     raise ValueError("in-place distillation learns from the largest subnet, so every phase "
-                     "needs sampling='sandwich' (or set config.distill to 'teacher' / 'none')")
+                     "needs sampling='sandwich' or 'all' (or set config.distill to 'teacher' / "
+                     "'none')")
   if config.distill == "teacher" and not config.teacher_workdir:
     raise ValueError("config.distill='teacher' needs config.teacher_workdir: the workdir of a "
                      "trained full network (e.g. the same config with a single largest-arch phase)")
@@ -101,17 +77,37 @@ def _distils_hidden(config) -> bool:
 # --------------------------------------------------------------------------- optimizer
 
 
-def decay_mask(params) -> Any:
-  """Weight decay on weights only: not on BN scale / bias nor on any bias (OFA: 'bn#bias')."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", "") not in ("scale", "bias"), params)
+def decay_mask(params, depthwise: bool = True) -> Any:
+  """Weight decay on weights only: not on BN scale / bias nor on any bias (OFA: 'bn#bias'),
+  nor, with ``depthwise=False``, on depthwise kernels (US-Nets decays only regular convs and
+  fully connected layers)."""
+  def decays(path, _):
+    names = [getattr(k, "key", "") for k in path]
+    return names[-1] not in ("scale", "bias") and (depthwise or "depthwise" not in names)
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_schedule(phases: list[Phase]):
-  """Each phase restarts its own warmup + cosine schedule, as OFA's separate runs do."""
-  schedules = [optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if p.warmup_steps else p.learning_rate, peak_value=p.learning_rate,
-      warmup_steps=p.warmup_steps, decay_steps=p.steps, end_value=0.0) for p in phases]
+SCHEDULES = ("cosine", "linear")
+
+
+def make_schedule(phases: list[Phase], kind: str = "cosine"):
+  """Each phase restarts its own warmup + decay to 0 (cosine as OFA, or linear as US-Nets), as
+  OFA's separate runs do."""
+  if kind not in SCHEDULES:
+    raise ValueError(f"config.lr_schedule must be one of {SCHEDULES}, got {kind!r}")
+
+  def one(p):
+    if kind == "cosine":
+      return optax.warmup_cosine_decay_schedule(
+          init_value=0.0 if p.warmup_steps else p.learning_rate, peak_value=p.learning_rate,
+          warmup_steps=p.warmup_steps, decay_steps=p.steps, end_value=0.0)
+    decay = optax.linear_schedule(p.learning_rate, 0.0, p.steps - p.warmup_steps)
+    if not p.warmup_steps:
+      return decay
+    warmup = optax.linear_schedule(0.0, p.learning_rate, p.warmup_steps)
+    return optax.join_schedules([warmup, decay], [p.warmup_steps])
+
+  schedules = [one(p) for p in phases]
   boundaries = list(np.cumsum([p.steps for p in phases])[:-1])
   return optax.join_schedules(schedules, boundaries) if len(phases) > 1 else schedules[0]
 
@@ -122,11 +118,22 @@ def make_optimizer(config, schedule, params):
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.optimizer == "sgd":
     if config.weight_decay:
-      parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask(params)))
+      parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask(
+          params, config.get("decay_depthwise", True))))
     parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
   else:
-    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask(params)))
+    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask(
+        params, config.get("decay_depthwise", True))))
   return optax.chain(*parts)
+
+
+def fresh_optimizer_state(tx, state: TrainState):
+  """A new optimizer state for ``state.params`` (momentum, Adam moments and their bias
+  correction start over, as OFA builds a new optimizer per phase), keeping the schedule's step
+  count: the joined schedule of all phases reads it."""
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  return jax.tree.map(lambda new, old: old if is_schedule(new) else new,
+                      tx.init(state.params), state.opt_state, is_leaf=is_schedule)
 
 
 # --------------------------------------------------------------------------- train step
@@ -143,6 +150,7 @@ class LossOptions:
   embedding_weight: float      # transformers: MSE of the embedding output to the teacher's
   inplace: bool                # the largest subnet teaches the others (US-Nets)
   inplace_ce_weight: float     # weight of the labels for the taught subnets when in place
+  teacher_ce_weight: float     # weight of the labels with an external teacher (DynaBERT: 0)
   dtype: Any                   # compute dtype
 
   @classmethod
@@ -153,6 +161,7 @@ class LossOptions:
                embedding_weight=config.get("embedding_mse_weight", 0.0),
                inplace=config.distill == "inplace",
                inplace_ce_weight=config.get("inplace_ce_weight", 0.0),
+               teacher_ce_weight=config.get("teacher_ce_weight", 1.0),
                dtype=precision.compute_dtype(config.get("compute_dtype", "float32")))
 
   @property
@@ -160,26 +169,13 @@ class LossOptions:
     return bool(self.hidden_weight or self.embedding_weight)
 
 
-def sample_archs(space, key: jax.Array, phase: dict, num: int) -> dict:
-  """``num`` archs stacked on a leading axis, from the phase's space; under the sandwich rule
-  arch 0 is the phase's largest and arch 1 its smallest."""
-  archs = jax.vmap(lambda k: space.sample(k, phase["tables"]))(jax.random.split(key, num))
-  if num < 2:
-    return archs
-
-  def sandwich(leaf, big, small):
-    on = phase["sandwich"]
-    return leaf.at[0].set(jnp.where(on, big, leaf[0])).at[1].set(jnp.where(on, small, leaf[1]))
-
-  return jax.tree.map(sandwich, archs, phase["largest"], phase["smallest"])
-
-
 def subnet_loss(model, opts: LossOptions, params, batch_stats, arch, inputs, labels, teacher,
-                ce_weight, kd_on, key):
+                ce_weight, kd_on, hidden_scale, key):
   """Loss of one subnet and (its outputs, its updated batch_stats).
 
   ``teacher``: None, or {"logits"} (+ "extra": hidden states when distilling them); ``kd_on``
-  scales the distillation terms (0 for the in-place teacher itself)."""
+  scales the distillation terms (0 for the in-place teacher itself); ``hidden_scale`` (the
+  phase's) scales the hidden-state terms further."""
   if opts.dtype != jnp.float32:
     params = precision.cast_params(params, batch_stats, opts.dtype)
   if jnp.issubdtype(inputs.dtype, jnp.floating):  # token ids keep their integer type
@@ -196,7 +192,8 @@ def subnet_loss(model, opts: LossOptions, params, batch_stats, arch, inputs, lab
     loss = loss + kd_on * opts.kd_weight * kd(logits, teacher["logits"], opts.kd_temperature)
     if opts.hidden:
       hidden_loss, embed_loss = losses.hidden_state_mse(extra, teacher["extra"])
-      loss = loss + kd_on * (opts.hidden_weight * hidden_loss + opts.embedding_weight * embed_loss)
+      hidden = opts.hidden_weight * hidden_loss + opts.embedding_weight * embed_loss
+      loss = loss + kd_on * hidden_scale * hidden
   return loss, ((logits, extra), updates.get("batch_stats", batch_stats))
 
 
@@ -212,10 +209,10 @@ def _empty_teacher_slot(model, opts: LossOptions, state: TrainState, inputs, lar
 
 
 def accumulate_subnets(grad_fn: Callable, opts: LossOptions, state: TrainState, inputs, labels,
-                       archs, keys, num_subnets, external_teacher, teacher_slot):
+                       archs, keys, phase, external_teacher, teacher_slot):
   """Summed gradients over the stacked subnets, one at a time in a ``lax.scan`` (memory of one
   subnet, one copy of forward + backward in the compiled step); subnets beyond ``num_subnets``
-  are skipped with ``lax.cond``. Returns (grads, batch_stats, summed loss, subnet 0's loss)."""
+  are skipped with ``lax.cond`` (``phase``: the phase's data). Returns (grads, batch_stats, summed loss, subnet 0's loss)."""
 
   def body(carry, xs):
     arch, key, i = xs
@@ -226,9 +223,11 @@ def accumulate_subnets(grad_fn: Callable, opts: LossOptions, state: TrainState, 
         teacher, weight = slot, jnp.where(i == 0, 0.0, 1.0)
         ce_weight = jnp.where(i == 0, 1.0, opts.inplace_ce_weight)
       else:
-        teacher, ce_weight, weight = external_teacher, 1.0, 1.0
+        ce_weight = opts.teacher_ce_weight if external_teacher is not None else 1.0
+        teacher, weight = external_teacher, 1.0
       (loss, ((logits, extra), batch_stats)), g = grad_fn(
-          state.params, batch_stats, arch, inputs, labels, teacher, ce_weight, weight, key)
+          state.params, batch_stats, arch, inputs, labels, teacher, ce_weight, weight,
+          phase["hidden_scale"], key)
       if opts.inplace:
         new = {"logits": logits, **({"extra": extra} if opts.hidden else {})}
         slot = jax.tree.map(lambda n, o: jnp.where(i == 0, jax.lax.stop_gradient(n), o),
@@ -236,7 +235,7 @@ def accumulate_subnets(grad_fn: Callable, opts: LossOptions, state: TrainState, 
       first_loss = jnp.where(i == 0, loss, first_loss)
       return jax.tree.map(jnp.add, grads, g), batch_stats, total + loss, first_loss, slot
 
-    return jax.lax.cond(i < num_subnets, run, lambda c: c, carry), None
+    return jax.lax.cond(i < phase["num_subnets"], run, lambda c: c, carry), None
 
   init = (jax.tree.map(jnp.zeros_like, state.params), state.batch_stats, jnp.float32(0.0),
           jnp.float32(0.0), teacher_slot)
@@ -279,7 +278,7 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, me
     slot = _empty_teacher_slot(model, opts, state, inputs, phase["largest"])
     grads, batch_stats, total, first_loss = accumulate_subnets(
         grad_fn, opts, state, inputs, labels, archs, jax.random.split(drop_key, max_subnets),
-        phase["num_subnets"], None if teacher is None else teacher(inputs), slot)
+        phase, None if teacher is None else teacher(inputs), slot)
     metrics = {"loss": total / phase["num_subnets"], "loss_largest": first_loss,
                "grad_norm": optax.tree.norm(grads)}
     return apply_update(tx, state, grads, batch_stats), metrics
@@ -297,18 +296,35 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, me
 
 
 def init_from_workdir(state: TrainState, config, is_main: bool) -> TrainState:
-  """``config.init_workdir``'s trained weights instead of the random init (same model)."""
+  """``config.init_workdir``'s trained weights instead of the random init. Any workdir whose
+  parameters cover this model's with the same shapes will do: CompOFA from OFA-MobileNetV3 and
+  back (the same layers). Parameters only the source has (e.g. OFA's kernel transforms, for a
+  CompOFA without them) are left out and listed; a missing or differently shaped parameter is
+  refused, naming the first one."""
   source = workdir_lib.load_supernet(config.init_workdir)
-  if (source.config.model != config.model
-      or workdir_lib.model_options(source.config) != workdir_lib.model_options(config)):
-    raise ValueError(
-        f"config.init_workdir {config.init_workdir} holds a {source.config.model} "
-        f"{workdir_lib.model_options(source.config)}, but this run trains a {config.model} "
-        f"{workdir_lib.model_options(config)}; start from a workdir of the same model")
+  variables, extra = {}, []
+  for name in ("params", "batch_stats"):
+    got, want = _flat(source.variables[name]), _flat(getattr(state, name))
+    for path, leaf in want.items():
+      if path not in got or np.shape(got[path]) != np.shape(leaf):
+        found = "lacks it" if path not in got else f"has shape {np.shape(got[path])}"
+        raise ValueError(
+            f"config.init_workdir {config.init_workdir} holds a {source.config.model} that does "
+            f"not fit this run's {config.model} {workdir_lib.model_options(config)}: {name}"
+            f"{path} has shape {np.shape(leaf)} here, the source {found}. Start from a workdir "
+            "with the same layers and widths.")
+    extra += [name + path for path in got if path not in want]
+    variables[name] = jax.tree_util.tree_map_with_path(
+        lambda path, _: got[jax.tree_util.keystr(path)], getattr(state, name))
   if is_main:
-    print(f"initialised from {config.init_workdir} (step {source.step})")
-  return state.replace(params=source.variables["params"],
-                       batch_stats=source.variables["batch_stats"])
+    print(f"initialised from {config.init_workdir} ({source.config.model}, step {source.step})"
+          + (f"; left out {len(extra)} parameters this model lacks: {extra[:4]}" if extra else ""))
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+
+
+def _flat(tree) -> dict:
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def reorder_by_importance(state: TrainState, model, config, train_source, workdir: str,
@@ -359,6 +375,7 @@ class Run:
   phases: list[Phase]
   mesh: Any
   schedule: Callable
+  tx: Any
   state: TrainState
   train_step: Callable
   batches: Iterator[dict]
@@ -371,6 +388,9 @@ class Run:
 
   def phase_index(self, step: int) -> int:
     return int(np.searchsorted(np.cumsum([p.steps for p in self.phases]), step, side="right"))
+
+  def phase_start(self, index: int) -> int:
+    return sum(p.steps for p in self.phases[:index])
 
 
 def _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, is_main):
@@ -411,7 +431,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
           f"({config.batch_size // num_shards} per device), "
           f"compute {config.get('compute_dtype', 'float32')}")
     workdir_lib.write_config(workdir, config)
-  schedule = make_schedule(phases)
+  schedule = make_schedule(phases, config.get("lr_schedule", "cosine"))
   tx_factory = functools.partial(make_optimizer, config, schedule)
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
   state, tx = _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, is_main)
@@ -423,8 +443,28 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       train_source, batch_size=config.batch_size, seed=config.seed, resolution=config.resolution,
       augment=config.augment, start_step=int(state.step), dataset=config.dataset,
       process_index=block, process_count=blocks, vocab_size=model.input_spec.vocab_size or None)
-  return Run(config, workdir, model, space, phases, mesh, schedule, state, train_step, batches,
-             ckpt, is_main)
+  return Run(config, workdir, model, space, phases, mesh, schedule, tx, state, train_step,
+             batches, ckpt, is_main)
+
+
+def start_phase(run: Run, index: int) -> TrainState:
+  """The state a phase starts from: its expanded channels re-sorted by importance if the
+  phase asks (OFA before each expand phase), and a fresh optimizer state after the first phase
+  (OFA builds a new optimizer per phase) or after a sort (the old momentum would point at the
+  old channel order)."""
+  phase, state = run.phases[index], run.state
+  fresh = phase.sort_channels or (index > 0 and run.config.get("fresh_optimizer", True))
+  if not (fresh or phase.sort_channels):
+    return state
+  if phase.sort_channels:
+    from ofajax import importance  # pylint: disable=g-import-not-at-top
+    variables = importance.sort_channels(run.model, jax.device_get(state.variables))
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  state = state.replace(opt_state=fresh_optimizer_state(run.tx, state))
+  if run.is_main:
+    sorted_note = "channels sorted by importance, " if phase.sort_channels else ""
+    print(f"phase {phase.name}: {sorted_note}fresh optimizer state")
+  return distributed.replicate(state, run.mesh)
 
 
 def _log(run: Run, writer: MetricsWriter, done: int, phase: Phase, metrics) -> dict:
@@ -459,6 +499,8 @@ def train_loop(run: Run) -> bool:
       index = run.phase_index(step)
       if index != current:
         current, phase_data = index, distributed.replicate(run.phases[index].as_data(), run.mesh)
+        if step == run.phase_start(index):
+          run.state = start_phase(run, index)
       batch = distributed.shard_batch(next(run.batches), run.mesh, config.batch_size)
       resolution = resolutions[np.random.default_rng([config.seed, step]).integers(
           len(resolutions))]

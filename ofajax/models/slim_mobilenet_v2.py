@@ -74,6 +74,9 @@ class SlimMobileNetV2(nn.Module):
   settings: Sequence[Sequence[int]] = MOBILENET_V2_SETTINGS
   stem_base_width: int = 32
   head_base_width: int = 1280
+  # False: the 1x1 head keeps its full width in every subnet (US-Nets slims everything up to the
+  # head's input; its head conv and classifier stay at 1280).
+  slim_head: bool = True
   stem_stride: int = 2
   in_channels: int = 3
   dropout_rate: float = 0.2
@@ -141,8 +144,10 @@ class SlimMobileNetV2(nn.Module):
     if not 0 < self.min_width_ratio <= 1:
       raise ValueError(f"min_width_ratio must be in (0, 1], got {self.min_width_ratio}")
     out = []
-    for c in self.max_widths():
+    head = self._plan().head_group
+    for g, c in enumerate(self.max_widths()):
       low = min(c, make_divisible(self.min_width_ratio * c, 8))
+      low = c if g == head and not self.slim_head else low
       out.append(tuple(range(low, c + 1, 8)))
     return tuple(out)
 
