@@ -28,6 +28,9 @@ def get_config():
   c.resolution = 28
   c.train_resolutions = ()      # e.g. (24, 28): one resolution per step, one compile each
   c.augment = "mnist"
+  # Text: a Hugging Face tokenizer.json / vocab.txt (or a directory with one) to tokenize with
+  # WordPiece, e.g. an imported BERT's (convert_hf_bert.py); "" builds a word-level vocabulary.
+  c.tokenizer = ""
   c.batch_size = 128            # global: split over every device of every process
   c.seed = 0
   c.num_devices = 0             # 0: all devices of all processes; N: this process's first N

@@ -4,23 +4,36 @@ Needs the data set prepared once (TensorFlow on the preparing machine only):
 
   tfds build glue/sst2 --file_format array_record
 
-Two runs, selected by the argument after the file name:
+DynaBERT starts from a BERT fine-tuned on the task. Import one (no torch needed; see
+docs/import.md), then run DynaBERT's two stages in one run from it, distilled from it:
 
-  # 1. the full network, trained alone (DynaBERT starts from a fine-tuned BERT; ofajax cannot
-  #    download pretrained weights, so this trains it on SST-2 itself)
-  python train.py --config configs/dynabert_sst2.py:full --workdir /tmp/bert_full
-  # 2. DynaBERT's two stages in one run, from the full network's weights re-ordered by head and
-  #    neuron importance, distilled from it (logits + hidden states + embeddings):
-  #    width-adaptive first (width 0.25/0.5/0.75/1 of heads and FFN, all 12 layers), then width-
-  #    and depth-adaptive (depth 6/9/12, layers dropped evenly, DynaBERT's rule)
-  python train.py --config configs/dynabert_sst2.py --workdir /tmp/dynabert \\
-      --config.teacher_workdir=/tmp/bert_full --config.init_workdir=/tmp/bert_full
+  python convert_hf_bert.py --checkpoint path/to/bert-base-uncased-sst2 --workdir /tmp/bert_sst2
+  python train.py --config configs/dynabert_sst2.py --workdir /tmp/dynabert \
+      --config.init_workdir=/tmp/bert_sst2 --config.teacher_workdir=/tmp/bert_sst2 \
+      --config.model_options.vocab_size=30522 --config.model_options.max_length=512 \
+      --config.tokenizer=/tmp/bert_sst2/tokenizer/tokenizer.json
 
-Differences from DynaBERT's recipe: heads and FFN width are chosen per layer (DynaBERT uses one
-width multiplier for all layers; sampling per layer also covers those subnets), the stage-2
-teacher is the full network rather than the stage-1 width-adaptive one, and the tokenizer is
-ofajax's word-level vocabulary of SST-2's training split, not BERT's WordPiece. SST-2's test
-labels are hidden, so the validation split is the test split here.
+Without a checkpoint, ``configs/dynabert_sst2.py:full`` trains the full network on SST-2 alone
+(word-level vocabulary) to start from instead.
+
+Follows huawei-noah/Pretrained-Language-Model, ``DynaBERT/run_glue.py`` (``train``):
+- heads and FFN neurons re-ordered by importance first (``compute_neuron_head_importance``,
+  ``reorder_neuron_head``): ``config.reorder``;
+- stage 1 (width-adaptive): every width multiplier 1.0 / 0.75 / 0.5 / 0.25, the same in every
+  layer, on every batch (``for width_mult in sorted(width_mult_list, reverse=True)``), loss =
+  soft cross-entropy to the teacher's logits + 0.1 x hidden-state MSE (``width_lambda1 = 1``,
+  ``width_lambda2 = 0.1``), no hard-label loss;
+- stage 2 (width- and depth-adaptive): every depth 1.0 / 0.75 / 0.5 x every width per batch,
+  depth outer; hidden states of the k-th kept layer matched with the teacher's layer
+  floor(k / d) (``kept_layers_index``); loss weights 1.0 and 1.0 (``depth_lambda1/2``);
+- AdamW at 2e-5, gradient clipping at 1.0, 3 epochs per stage.
+
+Deviations: the stage-2 teacher is the fine-tuned BERT, not the stage-1 width-adaptive network
+at the student's width (one teacher serves both stages); ofajax standardises each token's
+hidden vector before the MSE and averages over layers (DynaBERT sums raw MSE over layers); a
+warmup of 10% of each stage (ofajax's choice). SST-2's test labels are hidden, so the
+validation split is the test split here, and search validates on the last 1,000 training
+sentences, which training never sees (``holdout``).
 """
 
 import ml_collections
@@ -41,7 +54,7 @@ def get_config(stage: str = "elastic"):
       "depth_choices": (6, 9, 12), "min_heads": 3, "ffn_step": 768, "min_ffn_dim": 768,
       "resolutions": (64,)})
   c.dataset = "glue/sst2"
-  c.train_split, c.test_split = "train", "validation"
+  c.train_split, c.holdout, c.test_split = "train[:-1000]", 1000, "validation"
   c.resolution = 64             # tokens per sentence ([CLS] ... [SEP], padded)
   c.augment = "none"
   c.batch_size = 32

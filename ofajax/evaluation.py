@@ -39,10 +39,12 @@ def stack_archs(archs: list) -> dict:
 
 
 def eval_batches(dataset: str, split: str, data_dir, batch_size: int, resolution: int,
-                 vocab_size=None, process_index: int = 0, process_count: int = 1):
+                 vocab_size=None, process_index: int = 0, process_count: int = 1,
+                 tokenizer: str | None = None):
   """(number of examples in ``split``, an iterator over its batches padded to ``batch_size``:
-  this process's block of each global batch, {"inputs", "label", "mask"} numpy)."""
-  source = data.load(dataset, split, data_dir)
+  this process's block of each global batch, {"inputs", "label", "mask"} numpy). ``tokenizer``:
+  text only, a WordPiece file to tokenize with (``config.tokenizer``)."""
+  source = data.load(dataset, split, data_dir, tokenizer)
   if not len(source):
     raise ValueError(f"split {split!r} of {dataset} is empty")
   batches = data.make_eval_iterator(
@@ -54,9 +56,9 @@ def eval_batches(dataset: str, split: str, data_dir, batch_size: int, resolution
 
 def calibration_inputs(dataset: str, split: str, data_dir, batch_size: int, num_batches: int,
                        seed: int, resolution: int, vocab_size=None, process_index: int = 0,
-                       process_count: int = 1) -> np.ndarray:
+                       process_count: int = 1, tokenizer: str | None = None) -> np.ndarray:
   """[num_batches, batch, ...] un-augmented training inputs for BN calibration."""
-  source = data.load(dataset, split, data_dir)
+  source = data.load(dataset, split, data_dir, tokenizer)
   batches = data.make_train_iterator(
       source, batch_size=batch_size, seed=seed, resolution=resolution, augment="none",
       start_step=0, dataset=dataset, process_index=process_index, process_count=process_count,
@@ -172,7 +174,7 @@ class Evaluator:
 def make_evaluator(model, variables: dict, *, dataset: str, data_dir, resolution: int,
                    calib_split: str, calib_batch_size: int, calib_batches: int, seed: int,
                    split: str, batch_size: int, chunk_size: int, archs_per_call: int,
-                   mesh=None, stream: bool = False) -> Evaluator:
+                   mesh=None, stream: bool = False, tokenizer: str | None = None) -> Evaluator:
   """An :class:`Evaluator` on ``split``, calibrating on ``calib_batches`` un-augmented batches
   of ``calib_split`` (shuffled with ``seed``).
 
@@ -181,6 +183,7 @@ def make_evaluator(model, variables: dict, *, dataset: str, data_dir, resolution
   (OFA's 100 on 8 GPUs) is calibrated whole on every device rather than changed; the evaluation
   batch only affects speed (padding is masked), so it is rounded up to fit the mesh.
   ``stream``: read the split anew for every chunk instead of keeping it on the devices.
+  ``tokenizer``: text only, a WordPiece tokenizer file (``config.tokenizer``).
   """
   mesh = distributed.make_mesh(1) if mesh is None else mesh
   num_shards = mesh.shape[distributed.DATA]
@@ -189,13 +192,13 @@ def make_evaluator(model, variables: dict, *, dataset: str, data_dir, resolution
   block, blocks = distributed.process_block(mesh, calib_batch_size) if split_calib else (0, 1)
   local = {"inputs": calibration_inputs(dataset, calib_split, data_dir, calib_batch_size,
                                         calib_batches, seed, resolution, vocab_size, block,
-                                        blocks)}
+                                        blocks, tokenizer)}
   calib = (distributed.shard_batch(local, mesh, calib_batch_size, batch_axis=1) if split_calib
            else distributed.replicate(local, mesh))["inputs"]
   batch_size = -(-batch_size // num_shards) * num_shards
   block, blocks = distributed.process_block(mesh, batch_size)
   read = lambda: eval_batches(dataset, split, data_dir, batch_size, resolution, vocab_size,
-                              block, blocks)
+                              block, blocks, tokenizer)
   num_examples, first = read()
   place = lambda batches: (distributed.shard_batch(b, mesh, batch_size) for b in batches)
   batches = (lambda: place(read()[1])) if stream else list(place(first))

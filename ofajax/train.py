@@ -423,7 +423,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   mesh = distributed.make_mesh(config.get("num_devices", 0))
   num_shards = mesh.shape[distributed.DATA]
   distributed.check_batch_size(config.batch_size, num_shards)
-  train_source = data.load(config.dataset, config.train_split, config.data_dir or None)
+  train_source = data.load(config.dataset, config.train_split, config.data_dir or None,
+                           tokenizer=config.get("tokenizer") or None)
   steps_per_epoch = max(1, len(train_source) // config.batch_size)
   phases = [Phase(p, i, space, steps_per_epoch) for i, p in enumerate(config.phases)]
   if is_main:
@@ -557,7 +558,7 @@ def final_evaluation(model, space, config, state: TrainState, workdir: str, is_m
       calib_batch_size=config.eval.calib_batch_size, calib_batches=config.eval.calib_batches,
       seed=config.seed + 1, split=config.test_split, batch_size=config.eval.batch_size,
       chunk_size=-(-len(named) // per_call) * per_call, archs_per_call=per_call, mesh=mesh,
-      stream=True)
+      stream=True, tokenizer=config.get("tokenizer") or None)
   scores = evaluator([a for _, a in named])
   records = []
   for (name, arch), score in zip(named, scores):

@@ -22,7 +22,8 @@ Text. Data sets whose DATASETS entry is a `TextSpec` (glue/sst2, imdb_reviews) t
 three calls: `load` returns a `TextSource`, and the iterators yield token ids ([CLS] first,
 0 = padding) with the same order, process slices and resume; the sequence length T is the
 `resolution=` argument, and `vocab_size=` (pass the model's) bounds the ids. augment must be
-"none". See `ofajax.data.text`.
+"none". `load(..., tokenizer=path)` tokenizes with a Hugging Face WordPiece tokenizer instead of
+the word-level vocabulary (`ofajax.data.wordpiece`). See `ofajax.data.text`.
 
 Layers (each imports only the ones above it; this file re-exports the public names):
 
@@ -33,6 +34,7 @@ Layers (each imports only the ones above it; this file re-exports the public nam
   batching   Batches (grain-backed, state = step), the Reader interface, BATCH_FIELDS, the
              documented train order / eval index / process slices, train_batches / eval_batches
   images     image transforms, ImageReader, image train / eval iterators
+  wordpiece  a Hugging Face WordPiece tokenizer (tokenizer.json / vocab.txt) as a vocabulary
   text       tokenizer, Vocabulary and its cache, TextSource, TextReader, text iterators
   pipeline   load / make_train_iterator / make_eval_iterator: dispatch on the spec to images or
              text
@@ -87,6 +89,7 @@ from ofajax.data.text import (
     vocab_path,
     vocabulary,
 )
+from ofajax.data.wordpiece import WordPieceVocabulary
 
 __all__ = [
     "AUGMENTATIONS",
@@ -112,6 +115,7 @@ __all__ = [
     "TextSpec",
     "UNK",
     "Vocabulary",
+    "WordPieceVocabulary",
     "center_crop",
     "check_vocab",
     "default_data_dir",

@@ -11,17 +11,21 @@ from ofajax.data.batching import Batches
 from ofajax.data.registry import DataSpec, TextSpec
 
 
-def load(name: str, split: str, data_dir=None):
+def load(name: str, split: str, data_dir=None, tokenizer: str | None = None):
   """Random-access source of one split: `tfds.data_source(name, split=split, data_dir=...)`.
 
   Any TFDS data set prepared in array_record format (mnist_5k and digits are built on first
   use); split strings like "train[:90%]" or "train[-10%:]" work. Never downloads: a missing data
   set raises DatasetNotPreparedError (a FileNotFoundError) whose message names the data set, the
   data_dir searched and the command that prepares it. Text data sets (a TextSpec in DATASETS)
-  come wrapped in a `TextSource`, which also knows where their vocabulary is cached.
+  come wrapped in a `TextSource`, which also knows where their vocabulary is cached, or, with
+  `tokenizer` (a Hugging Face tokenizer.json / vocab.txt), which WordPiece tokenizer to use.
   """
   if isinstance(registry.lookup_spec(name), TextSpec):
-    return text.load(name, split, data_dir)
+    return text.load(name, split, data_dir, tokenizer)
+  if tokenizer:
+    raise ValueError(f"a tokenizer is for text data sets; {name} is not one (unset "
+                     "config.tokenizer)")
   return builders.load_source(name, split, data_dir)
 
 

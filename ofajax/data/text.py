@@ -26,6 +26,11 @@ rebuilt; an unreadable or inconsistent one (bad JSON, wrong format, wrong specia
 duplicate tokens) is rebuilt too, with a warning naming the file: it is a pure function of the
 data, so rebuilding is always correct.
 
+WordPiece: `load(name, split, data_dir, tokenizer=path)` (train.py: `config.tokenizer`) makes the
+iterators tokenize with a Hugging Face tokenizer.json or vocab.txt instead
+(`ofajax.data.wordpiece`), for a model imported from Hugging Face, whose embeddings belong to
+its WordPiece ids. Nothing is built or cached then; the ids and [PAD] are the tokenizer's.
+
 Vocabulary size and the model: the iterators take `vocab_size=` (default: the spec's); pass the
 model's embedding size (`model.vocab_size`, i.e. `config.model_options.vocab_size` or the model
 preset's default). Every id is then < vocab_size by construction. `check_vocab(batches,
@@ -45,7 +50,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ofajax.data import batching, builders, registry
+from ofajax.data import batching, builders, registry, wordpiece
 from ofajax.data.registry import TextSpec
 
 PAD, UNK, CLS, SEP = 0, 1, 2, 3
@@ -207,11 +212,14 @@ def check_vocab(batches, model_vocab_size: int) -> None:
 
 class TextSource:
   """A TFDS random-access source of a text data set plus what finds its vocabulary: the data
-  set name and data_dir. `len` and `[i]` are the underlying source's (raw records)."""
+  set name and data_dir, or a WordPiece `tokenizer` file. `len` and `[i]` are the underlying
+  source's (raw records)."""
 
-  def __init__(self, source, name: str, data_dir: str, spec: TextSpec, split: str):
+  def __init__(self, source, name: str, data_dir: str, spec: TextSpec, split: str,
+               tokenizer: str | None = None):
     self.source, self.name, self.data_dir, self.spec, self.split = (source, name, data_dir, spec,
                                                                     split)
+    self.tokenizer = tokenizer
 
   def __len__(self) -> int:
     return len(self.source)
@@ -223,18 +231,26 @@ class TextSource:
   def dataset_info(self):
     return getattr(self.source, "dataset_info", None)
 
-  def vocabulary(self, vocab_size: int | None = None) -> Vocabulary:
+  def vocabulary(self, vocab_size: int | None = None):
+    """The data set's word-level `Vocabulary`, or the `tokenizer`'s WordPiece vocabulary."""
+    if self.tokenizer:
+      return wordpiece.load(self.tokenizer)
     return vocabulary(self.name, self.data_dir, vocab_size)
 
   def __repr__(self) -> str:
     return f"TextSource({self.name!r}, split={self.split!r}, n={len(self)})"
 
 
-def load(name: str, split: str, data_dir=None) -> TextSource:
-  """A split of the text data set `name` (see `builders.load_source`) as a TextSource."""
+def load(name: str, split: str, data_dir=None, tokenizer: str | None = None) -> TextSource:
+  """A split of the text data set `name` (see `builders.load_source`) as a TextSource;
+  `tokenizer`: a WordPiece tokenizer.json / vocab.txt (or a directory holding one) to tokenize
+  with instead of the data set's word-level vocabulary (checked here, before any reading)."""
+  if tokenizer:
+    wordpiece.resolve(tokenizer)
   data_dir = registry.resolve_data_dir(data_dir)
   source = builders.load_source(name, split, data_dir)
-  return TextSource(source, registry.spec_key(name), data_dir, registry.text_spec(name), split)
+  return TextSource(source, registry.spec_key(name), data_dir, registry.text_spec(name), split,
+                    tokenizer or None)
 
 
 class TextReader:
@@ -287,9 +303,16 @@ class TextReader:
 
 def _vocab_for(name, spec: TextSpec, source, vocab: Vocabulary | None,
                vocab_size: int | None) -> tuple[Vocabulary, int]:
-  """(vocabulary, vocab_size): `vocab` if given (checked against vocab_size), else the data set's
-  cached vocabulary of vocab_size (default the spec's) ids."""
-  if vocab is None:
+  """(vocabulary, vocab_size): `vocab` if given, else the source's WordPiece tokenizer (both
+  checked against vocab_size), else the data set's cached vocabulary of vocab_size (default the
+  spec's) ids."""
+  if vocab is None and getattr(source, "tokenizer", None):
+    vocab = wordpiece.load(source.tokenizer)
+    if vocab_size is not None and len(vocab) > vocab_size:
+      raise ValueError(f"tokenizer {vocab.path} has {len(vocab)} ids, more than the model's "
+                       f"vocab_size {vocab_size}: set config.model_options.vocab_size to at "
+                       "least that (the checkpoint's vocab_size)")
+  elif vocab is None:
     if name is None:
       raise ValueError("no vocabulary: pass vocab= (an ofajax.data.Vocabulary) or a source from "
                        "ofajax.data.load")
