@@ -36,11 +36,12 @@ from ofajax.train import train_and_evaluate
 OFA_PROPORTIONS = (120, 25, 120, 25, 120)
 
 
-def _phase(name, epochs, lr, subnets, sampling="random", sort_channels=False, **restrict):
+def _phase(name, epochs, lr, subnets, sampling="random", sort_channels=False, expand_stage=0,
+           **restrict):
   return ml_collections.ConfigDict({
       "name": name, "epochs": epochs, "learning_rate": lr, "warmup_epochs": 0.0,
       "num_subnets": subnets, "sampling": sampling, "sort_channels": sort_channels,
-      "restrict": restrict})
+      "expand_stage": expand_stage, "restrict": restrict})
 
 
 def base_config(data_dir: str):
@@ -94,7 +95,7 @@ def _ofa_tiny_phases(epochs: float, lr: float) -> list:
           _phase("depth1", ep[1], lr / 12, 2, depth=list(d[-2:]), expand=[max(e)]),
           _phase("depth2", ep[2], lr / 4, 2, expand=[max(e)]),
           _phase("expand1", ep[3], lr / 12, 4, sort_channels=True, expand=list(e[-2:])),
-          _phase("expand2", ep[4], lr / 4, 4, sort_channels=True)]
+          _phase("expand2", ep[4], lr / 4, 4, sort_channels=True, expand_stage=1)]
 
 
 def summarise(records: list[dict]) -> dict:

@@ -18,10 +18,9 @@ Follows mit-han-lab/once-for-all (commit f03b267), ``train_ofa_net.py``:
 - a new optimizer per phase (each phase is a separate run there): ``config.fresh_optimizer``.
 
 Deviations: resolutions 128..224 step 4 sampled per step like OFA's, but per batch rather than
-per GPU worker; OFA validates on a 10k subset of its own train split (``valid_size``), which is
-what ``holdout`` keeps out of ``train_split`` here. OFA's second expand phase keeps the first
-phase's expand-4 channels in front when it re-sorts (``expand_ratio_stage=1``); ofajax re-sorts
-every channel.
+per GPU worker; OFA validates on a random 10k subset of its train split (``valid_size``), ofajax
+on the last 10k (``holdout``), which ``train_split`` leaves out. The second expand phase sorts
+only inside the expand-4 prefix and its remainder (OFA's ``expand_ratio_stage=1``).
 """
 
 import ml_collections
@@ -30,11 +29,11 @@ from configs import default
 
 
 def _phase(name, epochs, lr, warmup, subnets, sampling="random", sort_channels=False,
-           **restrict):
+           expand_stage=0, **restrict):
   return ml_collections.ConfigDict({"name": name, "epochs": epochs, "learning_rate": lr,
                                     "warmup_epochs": warmup, "num_subnets": subnets,
                                     "sampling": sampling, "sort_channels": sort_channels,
-                                    "restrict": restrict})
+                                    "expand_stage": expand_stage, "restrict": restrict})
 
 
 def get_config(arg: str = ""):
@@ -69,6 +68,6 @@ def get_config(arg: str = ""):
         _phase("depth1", 25, 0.08, 0, 2, depth=[3, 4], expand=[6]),
         _phase("depth2", 120, 0.24, 5, 2, expand=[6]),
         _phase("expand1", 25, 0.08, 0, 4, sort_channels=True, expand=[4, 6]),
-        _phase("expand2", 120, 0.24, 5, 4, sort_channels=True),
+        _phase("expand2", 120, 0.24, 5, 4, sort_channels=True, expand_stage=1),
     ]
   return c

@@ -16,6 +16,9 @@ cross-entropy of the full network in eval mode. Re-ordering permutes the paramet
 :func:`ofajax.layers.transformer.permute_layer`, so the full network computes the same function.
 
     variables, importance = reorder_by_importance(model, variables, batches)
+
+CNN supernets (OFA's MobileNetV3 and ResNet50, slimmable MobileNetV2) sort their blocks' middle
+channels by weight magnitude instead: :func:`sort_channels`, from :mod:`ofajax.channel_sorting`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ofajax import losses
+from ofajax.channel_sorting import sort_channels  # CNN supernets: OFA's L1 channel sorting
 from ofajax.layers import transformer
 from ofajax.models.encoder import ElasticEncoderMixin
 
@@ -145,4 +149,4 @@ def reorder_by_importance(model, variables: dict, batches: Iterable[Mapping],
   return reorder(model, variables, importance), importance
 
 
-__all__ = ["measure", "orders", "reorder", "reorder_by_importance"]
+__all__ = ["measure", "orders", "reorder", "reorder_by_importance", "sort_channels"]

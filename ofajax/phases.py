@@ -51,6 +51,8 @@ class Phase:
     self.sandwich = self.sampling == "sandwich"
     # Run at the phase's start: OFA re-sorts the expanded channels before each expand phase.
     self.sort_channels = bool(cfg.get("sort_channels", False))
+    # OFA's expand_ratio_stage: > 0 sorts only inside the prefixes earlier expand phases trained.
+    self.expand_stage = int(cfg.get("expand_stage", 0))
     # Scales the hidden-state and embedding distillation terms (DynaBERT: 0.1 in its width
     # stage, 1.0 in its width-and-depth stage).
     self.hidden_scale = float(cfg.get("hidden_scale", 1.0))

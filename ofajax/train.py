@@ -309,8 +309,8 @@ def init_from_workdir(state: TrainState, config, is_main: bool) -> TrainState:
       if path not in got or np.shape(got[path]) != np.shape(leaf):
         found = "lacks it" if path not in got else f"has shape {np.shape(got[path])}"
         raise ValueError(
-            f"config.init_workdir {config.init_workdir} holds a {source.config.model} that does "
-            f"not fit this run's {config.model} {workdir_lib.model_options(config)}: {name}"
+            f"config.init_workdir {config.init_workdir} holds {source.config.model} weights that "
+            f"do not fit this run's {config.model} {workdir_lib.model_options(config)}: {name}"
             f"{path} has shape {np.shape(leaf)} here, the source {found}. Start from a workdir "
             "with the same layers and widths.")
     extra += [name + path for path in got if path not in want]
@@ -459,7 +459,8 @@ def start_phase(run: Run, index: int) -> TrainState:
     return state
   if phase.sort_channels:
     from ofajax import importance  # pylint: disable=g-import-not-at-top
-    variables = importance.sort_channels(run.model, jax.device_get(state.variables))
+    variables = importance.sort_channels(run.model, jax.device_get(state.variables),
+                                         expand_stage=phase.expand_stage)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   state = state.replace(opt_state=fresh_optimizer_state(run.tx, state))
   if run.is_main:

@@ -37,6 +37,7 @@ def test_ofa_progressive_shrinking_follows_train_ofa_net():
                            ("expand1", 25, 0.08, 0, 4, "random"),
                            ("expand2", 120, 0.24, 5, 4, "random")]
   assert [p.sort_channels for p in ps] == [False, False, False, True, True]
+  assert [p.expand_stage for p in ps] == [0, 0, 0, 0, 1]  # OFA's expand_ratio_stage
   assert [p.space.allowed_values("expand", (0, 0)) for p in ps] == [(6,), (6,), (6,), (4, 6),
                                                                    (3, 4, 6)]
   assert [p.space.allowed_values("depth", (0,)) for p in ps] == [(4,), (3, 4), (2, 3, 4),
@@ -257,3 +258,84 @@ def test_dynabert_layer_mapping():
   mapped = np.asarray(losses.teacher_layers(keep))[keep == 1]
   assert mapped.tolist() == [0, 1, 3, 4, 5, 7, 8, 9, 11]
   assert np.asarray(losses.teacher_layers(np.ones(12))).tolist() == list(range(12))
+
+
+# --------------------------------------------------------------------------- starting weights
+
+_TINY = {"num_classes": 10, "depth_choices": (1, 2), "kernel_choices": (3, 5),
+         "expand_choices": (2, 3), "execution": "masked"}
+
+
+def _random_variables(model, space, seed=0):
+  """Random variables of the model's shapes, without compiling its init."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), model.input_spec.sample(8),
+                          space.largest())
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype) if s.ndim else
+                      np.asarray(1.0, s.dtype), {"params": shapes["params"],
+                                                 "batch_stats": shapes["batch_stats"]})
+
+
+def _state(variables, tx=None):
+  tx = tx or optax.sgd(0.1, momentum=0.9)
+  return training.TrainState(step=jnp.int32(0), params=variables["params"],
+                             batch_stats=variables["batch_stats"],
+                             opt_state=tx.init(variables["params"]),
+                             rng=jnp.zeros(2, jnp.uint32))
+
+
+def test_compofa_starts_from_an_ofa_workdir_and_a_misfit_is_named(tmp_path):
+  from ofajax.convert.workdir import write_workdir  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  tiny = {"num_classes": 10, "execution": "masked"}  # CompOFA's coupling needs D234 / E346
+  source = default.get_config()
+  source.model_options = ml_collections.ConfigDict(tiny)
+  ofa_model, ofa_space = models.get("ofa_mbv3_tiny", **tiny)
+  ofa_vars = _random_variables(ofa_model, ofa_space)
+  write_workdir(str(tmp_path / "ofa"), source, ofa_vars)
+
+  target = default.get_config()
+  target.model = "compofa_mbv3_tiny"
+  target.model_options = ml_collections.ConfigDict({**tiny, "kernel_transform": False})
+  target.init_workdir = str(tmp_path / "ofa")
+  model, space = models.get(target.model, **dict(target.model_options))
+  state = training.init_from_workdir(_state(_random_variables(model, space, 1)), target, False)
+  np.testing.assert_array_equal(state.params["classifier"]["kernel"],
+                                ofa_vars["params"]["classifier"]["kernel"])
+  np.testing.assert_array_equal(state.batch_stats["stem"]["bn"]["mean"],
+                                ofa_vars["batch_stats"]["stem"]["bn"]["mean"])
+
+  wider = default.get_config()
+  wider.model_options = ml_collections.ConfigDict({**tiny, "expand_choices": (3, 4, 8)})
+  wider.init_workdir = str(tmp_path / "ofa")
+  model, space = models.get(wider.model, **dict(wider.model_options))
+  with pytest.raises(ValueError, match=r"params\['stage0_block0'\]\['depthwise'\]\['kernel'\] "
+                     r"has shape \(7, 7, 1, 64\) here, the source has shape \(7, 7, 1, 48\)"):
+    training.init_from_workdir(_state(_random_variables(model, space)), wider, False)
+
+
+def test_phase_start_sorts_channels_and_restarts_the_optimizer():
+  import types  # pylint: disable=g-import-not-at-top
+  from ofajax import distributed, importance  # pylint: disable=g-import-not-at-top
+  model, space = models.get("ofa_mbv3_tiny", **_TINY)
+  variables = _random_variables(model, space)
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = _state(variables, tx)
+  state = state.replace(opt_state=jax.tree.map(jnp.ones_like, state.opt_state))
+  cfgs = [{"epochs": 1, "learning_rate": 0.1, "num_subnets": 1, "sampling": "random"},
+          {"epochs": 1, "learning_rate": 0.1, "num_subnets": 1, "sampling": "random",
+           "sort_channels": True}]
+  run = types.SimpleNamespace(
+      phases=[phases.Phase(ml_collections.ConfigDict(c), i, space, 4) for i, c in
+              enumerate(cfgs)],
+      state=state, model=model, tx=tx, config=ml_collections.ConfigDict({}),
+      mesh=distributed.make_mesh(1), is_main=False)
+  assert training.start_phase(run, 0) is state  # nothing to do at the first phase's start
+  started = training.start_phase(run, 1)
+  want = importance.sort_channels(model, variables)
+  for got, ref, old in zip(jax.tree.leaves(started.params), jax.tree.leaves(want["params"]),
+                           jax.tree.leaves(variables["params"])):
+    np.testing.assert_array_equal(np.asarray(got), ref)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want["params"]),
+                                                      jax.tree.leaves(variables["params"])))
+  assert all(np.all(np.asarray(m) == 0) for m in jax.tree.leaves(started.opt_state))
