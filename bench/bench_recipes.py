@@ -16,7 +16,7 @@ Runs, each on the default tiny OFA-MobileNetV3 supernet (seed 0, batch 128, 2 CP
 Each run's final evaluation (BN calibrated, 1,000 test images) gives the largest, the smallest
 and 8 random subnets' top-1. Prints a table and writes JSON.
 
-    PYTHONPATH=. python bench/bench_recipes.py --epochs 16 --out bench/results/recipes.json
+    PYTHONPATH=. python bench/bench_recipes.py --epochs 24 --teacher_epochs 8
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def summarise(records: list[dict]) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--epochs", type=float, default=16.0)
-  parser.add_argument("--teacher_epochs", type=float, default=4.0)
+  parser.add_argument("--epochs", type=float, default=24.0)
+  parser.add_argument("--teacher_epochs", type=float, default=8.0)
   parser.add_argument("--workdir", default="/tmp/bench_recipes")
   parser.add_argument("--data_dir", default="")
   parser.add_argument("--only", default="", help="comma-separated run names")

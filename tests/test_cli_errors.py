@@ -84,3 +84,21 @@ def test_run_main_outside_a_command_line_reraises():
     raise ValueError("x")
   with pytest.raises(ValueError):  # flags not parsed: a library call, not the CLI
     errors.run_main(bad)
+
+
+def test_search_refuses_a_validation_split_training_saw(tmp_path):
+  """The workdir trained on all of digits' train split: validating on its last 360 images would
+  score subnets on images they trained on. One line naming both splits and the right pair,
+  before any checkpoint is read (the workdir has none)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from ofajax.workdir import write_config  # pylint: disable=g-import-not-at-top
+
+  train = default.get_config()
+  train.dataset, train.data_dir, train.resolution = "digits", str(tmp_path / "tfds"), 8
+  train.train_split, train.holdout = "train", 0
+  workdir = str(tmp_path / "w")
+  write_config(workdir, train)
+  out, seconds = _run("search.py", "--workdir", workdir, "--config.valid_split=train[-360:]")
+  _assert_one_line_error(out, seconds, "valid_split 'train[-360:]'", "train_split 'train'",
+                         "in 360 examples",
+                         "Train on train[:-360] and validate on train[-360:]")

@@ -231,12 +231,13 @@ def tiny_text_config(data_dir: str) -> ml_collections.ConfigDict:
   # vocab_size to the data iterators).
   c.model_options = ml_collections.ConfigDict({"num_classes": 2, "vocab_size": 64})
   c.dataset, c.data_dir = "glue/sst2", data_dir
-  c.train_split, c.test_split = "train", "validation"  # glue/sst2's test labels are -1
+  # glue/sst2's test labels are -1; the last 32 training sentences are held out for search
+  c.train_split, c.holdout, c.test_split = "train[:-32]", 32, "validation"
   c.resolution = 16  # sequence length
   c.augment = "none"
   c.optimizer, c.learning_rate, c.weight_decay, c.label_smoothing = "adamw", 1e-3, 0.01, 0.0
   c.batch_size = 8
-  c.num_epochs = 4 / (N // 8)  # 4 steps
+  c.num_epochs = 4 / ((N - 32) // 8)  # 4 steps
   c.phases[0].warmup_epochs = 0.0
   c.log_every_steps = c.checkpoint_every_steps = 2
   c.eval.num_random_subnets = 1

@@ -2,15 +2,18 @@
 
 Reads the trained supernet of a training workdir, scores candidate archs with the evaluation
 engine (:mod:`ofajax.evaluation`: BN calibration on training batches, top-1 on a validation split
-carved from the training data), runs greedy slimming or evolution, and writes under
+carved from the training data *that training never read*: an overlap with the workdir's
+``train_split`` is refused), runs greedy slimming or evolution (over archs and, where the
+supernet trained at several, input resolutions), and writes under
 ``<workdir>/search/<name>/``: ``result.json`` (every measured arch, the chosen arch per target,
 the Pareto front, the greedy path or evolution history, predictor and latency reports),
 ``pareto.png``, one exported dense subnet per target under ``subnets/`` (orbax variables,
 StableHLO, arch JSON, summary), and a printed table. The test split is only used to report the
 chosen archs' top-1, never to choose.
 
-``run_search`` reads top to bottom: build (evaluator, latency table, :class:`Scorer`), check the
-targets, run the method, then measure, export and write the results.
+``run_search`` reads top to bottom: check the splits, build (resolutions, latency table,
+:class:`Scorer` with an engine per resolution), check the targets, run the method, then
+measure, export and write the results.
 """
 
 from __future__ import annotations
@@ -26,29 +29,33 @@ import orbax.checkpoint as ocp
 
 from ofajax import cost as cost_lib
 from ofajax import evaluation, export, models, reporting
+from ofajax.data import splits
 from ofajax.progress import ProgressBar
-from ofajax.search import evolution, pareto
+from ofajax.search import evolution, moves, pareto
 from ofajax.search.greedy import greedy_search
 from ofajax.search.latency import LatencyTable
 from ofajax.search.predictor import fit_and_report
-from ofajax.workdir import TrainedSupernet, load_supernet
+from ofajax.workdir import TrainedSupernet, load_supernet, read_config
 
 
 def run_search(config, workdir: str) -> dict:
   """Runs the search described by ``config`` on the supernet trained in ``workdir``."""
   _check_config(config)
   t_start = time.time()
+  # Before the checkpoint is read: a validation split training saw fails in seconds.
+  data_splits = scoring_splits(config, read_config(workdir))
   sup = load_supernet(workdir, None if config.checkpoint_step < 0 else config.checkpoint_step)
   is_main = jax.process_index() == 0
   out_dir = _output_dir(config, workdir)
-  resolution = _resolution(config, sup)
-  evaluator = search_evaluator(config, sup, config.valid_split)
-  table, latency_report = (_latency(config, sup, out_dir, resolution, is_main)
+  resolutions = search_resolutions(config, sup.config)
+  table, latency_report = (_latency(config, sup, out_dir, resolutions[0], is_main)
                            if config.latency.enabled else (None, None))
-  scorer = Scorer(sup, evaluator, resolution, table)
-  result = _header(config, sup, scorer, latency_report)
+  engine = lambda r: search_evaluator(config, sup, data_splits["valid"], r, data_splits["calib"])
+  scorer = Scorer(sup, engine, resolutions, table, config.engine.get("resident_resolutions", 2))
+  result = _header(config, sup, scorer, latency_report, data_splits)
   chosen = _run_method(config, scorer, result["targets_macs"], result, is_main)
-  rows = _chosen_rows(config, sup, scorer, chosen, out_dir, is_main)
+  chosen = no_cheaper_better(config, scorer, chosen)
+  rows = _chosen_rows(config, sup, scorer, chosen, out_dir, is_main, data_splits["calib"])
   result.update(_measured(scorer, rows), seconds=round(time.time() - t_start, 1))
   if is_main:
     _write_results(config, result, out_dir, latency=table is not None)
@@ -81,8 +88,57 @@ def _targets(config, largest_macs: int) -> list[float]:
   return sorted(float(f) * largest_macs for f in config.target_fractions)
 
 
-def _resolution(config, sup: TrainedSupernet) -> int:
-  return int(config.resolution or sup.config.resolution)
+def _resolution(config, train) -> int:
+  """The one resolution of greedy search and of a search without a resolution gene."""
+  return int(config.resolution or train.resolution)
+
+
+def search_resolutions(config, train) -> list[int]:
+  """The input resolutions candidates may take, ascending. Evolution: ``config.resolutions``,
+  else ``config.resolution`` alone when set, else the resolutions the supernet trained at
+  (``train_resolutions``, or its one ``resolution``): OFA searches the image size too. Greedy
+  slimming (AutoSlim) keeps one resolution."""
+  if config.method == "evolution" and config.get("resolutions"):
+    chosen = config.resolutions
+  elif config.method == "evolution" and not config.resolution:
+    chosen = train.get("train_resolutions") or [train.resolution]
+  else:
+    chosen = [_resolution(config, train)]
+  resolutions = sorted({int(r) for r in chosen})
+  if config.latency.enabled and len(resolutions) > 1:
+    raise ValueError(f"a latency table is timed at one resolution, and this search offers "
+                     f"{resolutions}: set config.resolutions=({resolutions[-1]},) (or another "
+                     "single one) with config.latency.enabled")
+  return resolutions
+
+
+def scoring_splits(config, train) -> dict:
+  """{"calib", "valid"}: the splits that calibrate BN and score candidates. Refuses a
+  validation split that overlaps the training run's ``train_split`` (``train``: the workdir's
+  config), naming both. Defaults: BN calibrates on the training split (as training's own
+  evaluation does); validation is the slice training held out (:func:`_held_out`)."""
+  data_dir = train.get("data_dir") or None
+  wanted = [train.train_split] + ([config.valid_split] if config.valid_split else [])
+  sizes = splits.split_sizes(train.dataset, wanted, data_dir)
+  valid = config.valid_split or _held_out(train, sizes)
+  splits.check_disjoint(train.train_split, valid, sizes)
+  return {"calib": config.calib_split or train.train_split, "valid": valid}
+
+
+def _held_out(train, sizes: dict) -> str:
+  """The default validation split: the last ``holdout`` examples of the training split's base
+  when the training config holds some out, else the tail of it training never read."""
+  holdout = int(train.get("holdout", 0) or 0)
+  if holdout > 0:
+    return splits.holdout_split(train.train_split, holdout)
+  tail = splits.unseen_tail(train.train_split, sizes)
+  if tail is None:
+    raise ValueError(
+        f"config.valid_split is empty and the training run read all of {train.train_split!r} "
+        f"(its config holds nothing out): no training example is left to validate on. Train "
+        f"on e.g. {splits.base_names(train.train_split)[0]}[:-500] with holdout=500, or set "
+        "config.valid_split to a split training did not read")
+  return tail
 
 
 def _output_dir(config, workdir: str) -> str:
@@ -97,72 +153,108 @@ def _output_dir(config, workdir: str) -> str:
 # --------------------------------------------------------------------------- builders
 
 
-def search_evaluator(config, sup: TrainedSupernet, split: str) -> evaluation.Evaluator:
-  """The engine scoring ``sup``'s archs on ``split`` of its training data set, calibrating BN on
-  ``config.calib_batches`` batches of ``config.calib_split`` (seed ``config.seed + 1``). Every
-  split is read in batches of ``config.valid_batch_size``: a test split of the validation
-  split's shape reuses the compiled score function."""
+def search_evaluator(config, sup: TrainedSupernet, split: str, resolution: int | None = None,
+                     calib_split: str | None = None) -> evaluation.Evaluator:
+  """The engine scoring ``sup``'s archs on ``split`` of its training data set at
+  ``resolution`` (default: :func:`_resolution`), calibrating BN on ``config.calib_batches``
+  batches of ``calib_split`` (default: ``config.calib_split``, else the training split; seed
+  ``config.seed + 1``). Every split is read in batches of ``config.valid_batch_size``: a test
+  split of the validation split's shape reuses the compiled score function."""
   train = sup.config
+  split = split or scoring_splits(config, train)["valid"]  # "": the held-out default
   model = models.with_execution(sup.model, config.engine.get("execution", "masked"))
   return evaluation.make_evaluator(
       model, sup.variables, dataset=train.dataset, data_dir=train.data_dir or None,
-      resolution=_resolution(config, sup), calib_split=config.calib_split,
+      resolution=resolution or _resolution(config, train),
+      calib_split=calib_split or config.calib_split or train.train_split,
       calib_batch_size=config.calib_batch_size, calib_batches=config.calib_batches,
       seed=config.seed + 1, split=split, batch_size=config.valid_batch_size,
-      chunk_size=config.engine.chunk_size, archs_per_call=config.engine.archs_per_call)
+      chunk_size=config.engine.chunk_size, archs_per_call=config.engine.archs_per_call,
+      tokenizer=train.get("tokenizer") or None)
 
 
 class Scorer:
-  """Costs and engine scores of archs, each computed once per distinct subnet: searches propose
-  the same arch many times, and subnet names are the cache keys.
+  """Costs and engine scores of candidates (an arch at a resolution), each computed once:
+  searches propose the same candidate many times, and (subnet name, resolution) is the key.
 
-  ``measured`` maps the name of every arch the engine scored to its record ``{arch, name, macs,
-  params, [latency_ms], top1, loss}``: what result.json lists as "evaluated".
+  ``make_evaluator(resolution)`` builds the engine of one resolution (its calibration and
+  validation batches are resized to it). At most ``resident`` of them are kept: each holds the
+  validation split on the device, which at ImageNet's 10k images and 25 resolutions would not
+  fit; one evicted is rebuilt on demand (the compiled functions are reused).
+  ``measured`` maps the key of every candidate the engine scored to its record ``{arch, name,
+  resolution, macs, params, [latency_ms], top1, loss}``: what result.json lists as "evaluated".
   """
 
-  def __init__(self, sup: TrainedSupernet, evaluator: evaluation.Evaluator, resolution: int,
-               latency_table: LatencyTable | None = None):
+  def __init__(self, sup: TrainedSupernet, make_evaluator: Callable, resolutions,
+               latency_table: LatencyTable | None = None, resident: int = 2):
     self.space, self.model = sup.space, sup.model
-    self.evaluator, self.resolution, self.latency_table = evaluator, resolution, latency_table
-    self._costs: dict[str, dict] = {}
-    self.measured: dict[str, dict] = {}
+    self.make_evaluator, self.resolutions = make_evaluator, list(resolutions)
+    self.resolution = self.resolutions[-1]  # the default: greedy's one, the largest otherwise
+    self.latency_table, self.resident = latency_table, max(1, resident)
+    self._evaluators: dict[int, evaluation.Evaluator] = {}
+    self._costs: dict[tuple, dict] = {}
+    self.measured: dict[tuple, dict] = {}
+    self.num_calls = 0   # compiled engine calls (chunks), over every resolution's engine
 
-  def cost(self, arch) -> dict:
-    """{"macs", "params"} and, with a latency table, its predicted "latency_ms"."""
-    name = self.space.name(arch)
-    if name not in self._costs:
+  def evaluator(self, resolution: int | None = None) -> evaluation.Evaluator:
+    r = resolution or self.resolution
+    if r not in self._evaluators:
+      while len(self._evaluators) >= self.resident:
+        self._evaluators.pop(next(iter(self._evaluators)))  # the oldest
+      self._evaluators[r] = self.make_evaluator(r)
+    return self._evaluators[r]
+
+  def cost(self, arch, resolution: int | None = None) -> dict:
+    """{"macs", "params"} at ``resolution`` and, with a latency table, "latency_ms"."""
+    r = resolution or self.resolution
+    key = (moves.arch_key(arch), r)
+    if key not in self._costs:
       # Archs reach here from space.repair or the space itself: already checked on the host.
-      c = cost_lib.count(self.model, self.space.to_host(arch), self.resolution, check=False)
+      c = cost_lib.count(self.model, self.space.to_host(arch), r, check=False)
       if self.latency_table is not None:
         c["latency_ms"] = self.latency_table.predict(arch)
-      self._costs[name] = c
-    return dict(self._costs[name])
+      self._costs[key] = c
+    return dict(self._costs[key])
 
-  def evaluate(self, archs: list[dict]) -> list[dict]:
-    """[{"top1", "loss"}] per arch; only archs not measured before reach the engine."""
-    space = self.space
-    todo = {space.name(a): a for a in archs if space.name(a) not in self.measured}
-    if todo:
-      for (name, arch), score in zip(todo.items(), self.evaluator(list(todo.values()))):
-        self.measured[name] = dict(arch=space.to_host(arch), name=name, **self.cost(arch),
-                                   **score)
-    return [{k: self.measured[space.name(a)][k] for k in ("top1", "loss")} for a in archs]
+  def evaluate(self, archs: list[dict], resolutions=None) -> list[dict]:
+    """[{"top1", "loss"}] per arch (at its resolution); only candidates not measured before
+    reach the engine, one resolution at a time."""
+    rs = [r or self.resolution for r in (resolutions or [None] * len(archs))]
+    keys = [(self.space.name(a), r) for a, r in zip(archs, rs)]
+    todo = {k: a for k, a in zip(keys, archs) if k not in self.measured}
+    for r in sorted({k[1] for k in todo}):
+      group = [(k[0], a) for k, a in todo.items() if k[1] == r]
+      engine = self.evaluator(r)
+      before = engine.num_calls
+      scores = engine([a for _, a in group])
+      self.num_calls += engine.num_calls - before
+      for (name, arch), score in zip(group, scores):
+        self.measured[(name, r)] = dict(arch=self.space.to_host(arch), name=name, resolution=r,
+                                        **self.cost(arch, r), **score)
+    return [{k: self.measured[key][k] for k in ("top1", "loss")} for key in keys]
+
+  @property
+  def engines(self) -> list[evaluation.Evaluator]:
+    return list(self._evaluators.values())
 
 
-def _header(config, sup: TrainedSupernet, scorer: Scorer, latency_report) -> dict:
+def _header(config, sup: TrainedSupernet, scorer: Scorer, latency_report,
+            data_splits: dict) -> dict:
   """result.json's description of the job, with the MACs targets; raises if the smallest target
-  is below the smallest subnet (no method could reach it)."""
+  is below the smallest subnet at the lowest resolution (no method could reach it)."""
   space = sup.space
-  largest_macs = scorer.cost(space.to_host(space.largest()))["macs"]
-  smallest_macs = scorer.cost(space.to_host(space.smallest()))["macs"]
+  low, high = scorer.resolutions[0], scorer.resolutions[-1]
+  largest_macs = scorer.cost(space.to_host(space.largest()), high)["macs"]
+  smallest_macs = scorer.cost(space.to_host(space.smallest()), low)["macs"]
   targets = _targets(config, largest_macs)
   if targets and targets[0] < smallest_macs:
     raise ValueError(f"MACs target {targets[0]:,.0f} is below the smallest subnet of "
-                     f"{sup.model_name} ({smallest_macs:,} MACs at resolution "
-                     f"{scorer.resolution}); no arch can reach it: use targets >= "
-                     f"{smallest_macs:,}")
+                     f"{sup.model_name} ({smallest_macs:,} MACs at resolution {low}); no arch "
+                     f"can reach it: use targets >= {smallest_macs:,}")
   return {"method": config.method, "workdir": os.path.abspath(sup.workdir),
-          "checkpoint_step": sup.step, "model": sup.model_name, "resolution": scorer.resolution,
+          "checkpoint_step": sup.step, "model": sup.model_name, "resolution": high,
+          "resolutions": scorer.resolutions, "train_split": sup.config.train_split,
+          "valid_split": data_splits["valid"], "calib_split": data_splits["calib"],
           "largest_macs": largest_macs, "smallest_macs": smallest_macs, "targets_macs": targets,
           "latency": latency_report}
 
@@ -184,18 +276,22 @@ def _greedy(config, scorer: Scorer, targets, result: dict, is_main: bool) -> lis
   out = greedy_search(scorer.space, scorer.evaluate, scorer.cost, targets,
                       config.greedy.granularity, config.greedy.bin_steps, progress)
   progress.close()
+  for record in out["path"]:  # AutoSlim slims at one resolution
+    record["resolution"] = scorer.resolution
   result["path"] = [_public(r) for r in out["path"]]
   return list(out["chosen"].items())
 
 
 def _evolution(config, scorer: Scorer, targets, result: dict, is_main: bool) -> list:
   """Evolution per target, or one multi-objective run under the largest target whose scored
-  archs answer every target."""
+  candidates answer every target."""
   ec = config.evolution
   fitness = _fitness(config, scorer, result, is_main)
   bounds = dict(params=config.max_params or None, latency_ms=config.max_latency_ms or None)
   options = dict(population=ec.population, iterations=ec.iterations, parent_ratio=ec.parent_ratio,
                  mutation_ratio=ec.mutation_ratio, mutation_prob=ec.mutation_prob,
+                 resolutions=scorer.resolutions,
+                 resolution_mutation_prob=ec.get("resolution_mutation_prob"),
                  multi_objective=ec.multi_objective, seed=config.seed)
 
   def evolve(macs) -> dict:
@@ -209,34 +305,68 @@ def _evolution(config, scorer: Scorer, targets, result: dict, is_main: bool) -> 
   if ec.multi_objective:
     top = max(targets) if targets else None
     out = evolve(top)
-    scorer.evaluate([r["arch"] for r in out["population"]])  # the front is measured
+    pop = out["population"]
+    scorer.evaluate([r["arch"] for r in pop], [r["resolution"] for r in pop])  # the front
     result["evolution"] = [{"target_macs": top, "history": out["history"]}]
     chosen = evolution.fittest_under(scorer.space, out["seen"], targets)
   else:
     outs = [evolve(t) for t in targets]
     result["evolution"] = [{"target_macs": t, "history": o["history"],
-                            "best_fitness": o["best"]["fitness"]} for t, o in zip(targets, outs)]
+                            "best_fitness": o["best"]["fitness"],
+                            "best_resolution": o["best"]["resolution"]}
+                           for t, o in zip(targets, outs)]
     chosen = [(t, o["best"]) for t, o in zip(targets, outs)]
-  # Chosen archs are always measured by the engine, whatever the fitness was.
-  scores = scorer.evaluate([r["arch"] for _, r in chosen])
+  # Chosen candidates are always measured by the engine, whatever the fitness was.
+  scores = scorer.evaluate([r["arch"] for _, r in chosen], [r["resolution"] for _, r in chosen])
   return [(t, dict(r, **s)) for (t, r), s in zip(chosen, scores)]
 
 
+def no_cheaper_better(config, scorer: Scorer, chosen: list) -> list[tuple[float, dict]]:
+  """Each chosen record, unless an arch of no more MACs that the engine scored (within the
+  params / latency bounds) has a higher validation top-1: then the best such arch, cheapest
+  on ties, marked ``"replaces"``. The smallest arch is always scored first, so a user asking
+  for a budget never gets a subnet worse on validation than one half its size."""
+  smallest = scorer.space.smallest()
+  scorer.evaluate([smallest], [min(scorer.resolutions)])
+
+  def within(r):
+    return ((not config.max_params or r["params"] <= config.max_params)
+            and (not config.max_latency_ms or r.get("latency_ms", 0.0) <= config.max_latency_ms))
+
+  measured = [r for r in scorer.measured.values() if within(r)]
+  out = []
+  for target, record in chosen:
+    cheaper = [r for r in measured if r["macs"] <= record["macs"]]
+    best = max(cheaper, key=lambda r: (r["top1"], -r["macs"]), default=record)
+    if best["top1"] > record["top1"]:
+      record = dict(best, replaces={"name": scorer.space.name(record["arch"]),
+                                    "macs": record["macs"], "top1": record["top1"]})
+    out.append((target, record))
+  return out
+
+
 def _fitness(config, scorer: Scorer, result: dict, is_main: bool) -> Callable:
-  """Evolution's fitness: the engine's measured top-1, or (``fitness="predictor"``) an accuracy
-  predictor fitted on random archs the engine measured (its report goes into ``result``)."""
-  measured = lambda archs: [s["top1"] for s in scorer.evaluate(archs)]
+  """Evolution's fitness ``(archs, resolutions) -> [top-1]``: the engine's measured top-1, or
+  (``fitness="predictor"``) an accuracy predictor fitted on ``predictor.num_archs`` random
+  candidates the engine measured (its report goes into ``result``)."""
+  measured = lambda archs, rs: [s["top1"] for s in scorer.evaluate(archs, rs)]
   if config.evolution.fitness != "predictor":
     return measured
   pc = config.predictor
   rng = np.random.default_rng(config.seed)
   archs = [scorer.space.random_host(rng) for _ in range(pc.num_archs)]
+  choices = scorer.resolutions
+  # a random resolution per arch (OFA measures its archs at several image sizes)
+  rs = ([choices[i] for i in rng.integers(len(choices), size=len(archs))] if len(choices) > 1
+        else [choices[0]] * len(archs))
   if is_main:
-    print(f"measuring {len(archs)} random archs to fit the accuracy predictor", flush=True)
+    at = f" at resolutions {choices}" if len(choices) > 1 else ""
+    print(f"measuring {len(archs)} random archs{at} to fit the accuracy predictor", flush=True)
   predictor, result["predictor"] = fit_and_report(
-      scorer.space, archs, measured(archs), holdout_fraction=pc.holdout_fraction,
-      seed=config.seed, hidden=tuple(pc.hidden), steps=pc.steps, learning_rate=pc.learning_rate)
-  return lambda archs: list(predictor(archs))
+      scorer.space, archs, measured(archs, rs), holdout_fraction=pc.holdout_fraction,
+      seed=config.seed, hidden=tuple(pc.hidden), resolutions=rs, choices=choices,
+      steps=pc.steps, learning_rate=pc.learning_rate)
+  return lambda archs, rs: list(predictor(archs, rs))
 
 
 # --------------------------------------------------------------------------- results
@@ -254,32 +384,41 @@ def _public(record: dict) -> dict:
 
 
 def _chosen_rows(config, sup: TrainedSupernet, scorer: Scorer, chosen: list, out_dir: str,
-                 is_main: bool) -> list[dict]:
+                 is_main: bool, calib_split: str) -> list[dict]:
   """result.json's "chosen": a row per target, with its test top-1 (``config.report_test``)
   and the directory of its exported subnet (``config.export``)."""
   space = sup.space
-  test_top1 = _test_top1(config, sup, chosen) if config.report_test and chosen else {}
+  test_top1 = (_test_top1(config, sup, chosen, calib_split) if config.report_test and chosen
+               else {})
   rows = []
   for target, record in chosen:
     name = space.name(record["arch"])
-    row = dict(_public(record), target_macs=target, name=name, test_top1=test_top1.get(name))
+    row = dict(_public(record), target_macs=target, name=name,
+               test_top1=test_top1.get((name, record["resolution"])))
     if config.export and is_main:
       row["export_dir"] = _export(out_dir, f"target_{int(round(target))}", sup,
-                                  scorer.evaluator, record, scorer.resolution)
+                                  scorer.evaluator(record["resolution"]), record,
+                                  record["resolution"])
     rows.append(row)
   return rows
 
 
-def _test_top1(config, sup: TrainedSupernet, chosen: list) -> dict:
-  """{name: test top-1} of the chosen archs, calibrated like validation: reported only."""
+def _test_top1(config, sup: TrainedSupernet, chosen: list, calib_split: str) -> dict:
+  """{(name, resolution): test top-1} of the chosen candidates, calibrated like validation:
+  reported only."""
   split = config.test_split or sup.config.get("test_split", "test")
-  scores = search_evaluator(config, sup, split)([r["arch"] for _, r in chosen])
-  return {sup.space.name(r["arch"]): s["top1"] for (_, r), s in zip(chosen, scores)}
+  out = {}
+  for r in sorted({rec["resolution"] for _, rec in chosen}):
+    archs = [rec["arch"] for _, rec in chosen if rec["resolution"] == r]
+    scores = search_evaluator(config, sup, split, r, calib_split)(archs)
+    out.update({(sup.space.name(a), r): s["top1"] for a, s in zip(archs, scores)})
+  return out
 
 
 def _export(out_dir: str, label: str, sup: TrainedSupernet, evaluator: evaluation.Evaluator,
             record: dict, resolution: int) -> str:
-  """Writes one chosen subnet: variables (orbax), StableHLO, arch JSON, summary."""
+  """Writes one chosen subnet: variables (orbax), StableHLO at its resolution, arch JSON,
+  summary."""
   path = os.path.join(out_dir, "subnets", label)
   os.makedirs(path, exist_ok=True)
   arch = sup.space.validate(record["arch"])
@@ -303,13 +442,15 @@ def _export(out_dir: str, label: str, sup: TrainedSupernet, evaluator: evaluatio
 
 def _measured(scorer: Scorer, rows: list[dict]) -> dict:
   """result.json's measurements: chosen rows, the Pareto front of everything the engine
-  scored, and the engine's counters."""
+  scored, and the engine's counters (summed over the resolutions' engines kept)."""
   evaluated = list(scorer.measured.values())
   front = pareto.front([r["top1"] for r in evaluated], [r["macs"] for r in evaluated])
-  ev = scorer.evaluator
+  engines = scorer.engines
+  ev = engines[-1] if engines else scorer.evaluator()
   return dict(chosen=rows, front=[_public(evaluated[i]) for i in front],
               evaluated=[_public(r) for r in evaluated],
-              engine={"num_evaluated": ev.num_evaluated, "num_calls": ev.num_calls,
+              engine={"num_evaluated": len(evaluated),
+                      "num_calls": scorer.num_calls,
                       "chunk_size": ev.chunk_size, "archs_per_call": ev.archs_per_call,
                       "calib_images": int(np.prod(ev.calib_inputs.shape[:2])),
                       "valid_images": ev.num_examples})
