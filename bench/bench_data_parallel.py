@@ -35,11 +35,12 @@ def worker(n: int, batch: int, rounds: int, steps: int, dtype: str) -> dict:
   from configs import default
   from ofajax import distributed, models
   from ofajax import train as training
+  from ofajax.phases import Phase
 
   config = default.get_config()
   config.compute_dtype = dtype
   model, space = models.get(config.model, **dict(config.model_options))
-  phase = training.Phase(config.phases[0], 0, space, 1000)
+  phase = Phase(config.phases[0], 0, space, 1000)
   mesh = distributed.make_mesh(n)
   distributed.check_batch_size(batch, n, "--batch")
   r = config.resolution

@@ -88,7 +88,7 @@ def _tiny_extremes():
 def _ofa_tiny_phases(epochs: float, lr: float) -> list:
   """OFA's phases on the tiny space (its own depth / kernel / expand values)."""
   values, _ = _tiny_extremes()
-  d, k, e = values["depth"], values["kernel"], values["expand"]
+  d, e = values["depth"], values["expand"]
   ep = [epochs * p / sum(OFA_PROPORTIONS) for p in OFA_PROPORTIONS]
   # OFA's per-phase rates relative to its kernel phase: 0.96 -> 0.08 / 0.24.
   return [_phase("kernel", ep[0], lr, 1, depth=[max(d)], expand=[max(e)]),

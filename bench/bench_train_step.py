@@ -35,13 +35,14 @@ from configs import default
 from ofajax import models
 from ofajax import train as training
 from ofajax import workdir as workdir_lib
+from ofajax.phases import Phase
 
 STEPS = ("largest", "smallest", "middle", "random", "half", "sandwich4")
 DEFAULT_STEPS = ("largest", "smallest", "sandwich4")
 
 
 def bench_phase(space, num_subnets: int, restrict) -> training.Phase:
-  return training.Phase(ml_collections.ConfigDict({
+  return Phase(ml_collections.ConfigDict({
       "name": "bench", "epochs": 1, "learning_rate": 0.01, "num_subnets": num_subnets,
       "sampling": "sandwich" if num_subnets > 1 else "random", "restrict": restrict}), 0, space,
       1000)

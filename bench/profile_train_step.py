@@ -31,7 +31,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_train_step as bench  # noqa: E402

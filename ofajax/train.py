@@ -1,13 +1,14 @@
 """Supernet training: sandwich rule, in-place / teacher distillation, progressive shrinking.
 
 ``train_and_evaluate(config, workdir)`` is the whole job. This module reads top to bottom in
-sections: configuration and phases; the optimizer; the jitted train step (arch sampling, the
-loss of one subnet, accumulation over subnets, the update); the starting weights and the
-teacher; the job (setup, loop); the final evaluation.
+sections: configuration; the optimizer; the jitted train step (the loss of one subnet,
+accumulation over subnets, the update); the job (setup, phase starts, loop); the final
+evaluation. Phases and the subnets each step samples are ``ofajax.phases``; starting weights,
+the teacher and what a phase starts from are ``ofajax.starting_weights``.
 
 One jitted step serves every phase: a phase is *data* (its space's tables, its largest and
-smallest arch, how many subnets to run, whether to use the sandwich rule), so progressive
-shrinking never recompiles. Only the input resolution is static.
+smallest arch, how many subnets to run, how to sample them), so progressive shrinking never
+recompiles. Only the input resolution is static.
 
 Scale-out (``ofajax.distributed``): the step is jitted over a ("data", "model") mesh of every
 device of every process, with the state replicated and the global batch split over "data", so
@@ -33,6 +34,7 @@ import numpy as np
 import optax
 
 from ofajax import cost, data, distributed, evaluation, losses, models, precision, reporting
+from ofajax import starting_weights
 from ofajax.phases import Phase, sample_archs
 from ofajax import workdir as workdir_lib
 from ofajax.metrics_writer import MetricsWriter
@@ -125,15 +127,6 @@ def make_optimizer(config, schedule, params):
     parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask(
         params, config.get("decay_depthwise", True))))
   return optax.chain(*parts)
-
-
-def fresh_optimizer_state(tx, state: TrainState):
-  """A new optimizer state for ``state.params`` (momentum, Adam moments and their bias
-  correction start over, as OFA builds a new optimizer per phase), keeping the schedule's step
-  count: the joined schedule of all phases reads it."""
-  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
-  return jax.tree.map(lambda new, old: old if is_schedule(new) else new,
-                      tx.init(state.params), state.opt_state, is_leaf=is_schedule)
 
 
 # --------------------------------------------------------------------------- train step
@@ -292,76 +285,6 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, me
   return jax.jit(step, donate_argnums=0, static_argnames="resolution", out_shardings=(rep, rep))
 
 
-# --------------------------------------------------------------------------- starting weights
-
-
-def init_from_workdir(state: TrainState, config, is_main: bool) -> TrainState:
-  """``config.init_workdir``'s trained weights instead of the random init. Any workdir whose
-  parameters cover this model's with the same shapes will do: CompOFA from OFA-MobileNetV3 and
-  back (the same layers). Parameters only the source has (e.g. OFA's kernel transforms, for a
-  CompOFA without them) are left out and listed; a missing or differently shaped parameter is
-  refused, naming the first one."""
-  source = workdir_lib.load_supernet(config.init_workdir)
-  variables, extra = {}, []
-  for name in ("params", "batch_stats"):
-    got, want = _flat(source.variables[name]), _flat(getattr(state, name))
-    for path, leaf in want.items():
-      if path not in got or np.shape(got[path]) != np.shape(leaf):
-        found = "lacks it" if path not in got else f"has shape {np.shape(got[path])}"
-        raise ValueError(
-            f"config.init_workdir {config.init_workdir} holds {source.config.model} weights that "
-            f"do not fit this run's {config.model} {workdir_lib.model_options(config)}: {name}"
-            f"{path} has shape {np.shape(leaf)} here, the source {found}. Start from a workdir "
-            "with the same layers and widths.")
-    extra += [name + path for path in got if path not in want]
-    variables[name] = jax.tree_util.tree_map_with_path(
-        lambda path, _: got[jax.tree_util.keystr(path)], getattr(state, name))
-  if is_main:
-    print(f"initialised from {config.init_workdir} ({source.config.model}, step {source.step})"
-          + (f"; left out {len(extra)} parameters this model lacks: {extra[:4]}" if extra else ""))
-  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-
-
-def _flat(tree) -> dict:
-  return {jax.tree_util.keystr(path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def reorder_by_importance(state: TrainState, model, config, train_source, workdir: str,
-                          is_main: bool) -> TrainState:
-  """Heads and FFN neurons re-ordered by importance measured on ``config.reorder.batches``
-  training batches (DynaBERT); the importance goes to ``<workdir>/importance.json``."""
-  from ofajax import importance  # pylint: disable=g-import-not-at-top  (transformers only)
-  num_batches = int(config.reorder.get("batches", 4))
-  batches = data.make_train_iterator(
-      train_source, batch_size=config.batch_size, seed=config.seed + 3,
-      resolution=config.resolution, augment="none", start_step=0, dataset=config.dataset,
-      process_index=0, process_count=1, vocab_size=model.input_spec.vocab_size or None)
-  variables, scores = importance.reorder_by_importance(
-      model, state.variables, [next(batches) for _ in range(num_batches)])
-  if is_main:
-    with open(os.path.join(workdir, "importance.json"), "w") as f:
-      json.dump({k: np.asarray(v).tolist() for k, v in scores.items()}, f)
-    print(f"re-ordered heads and FFN neurons by importance ({num_batches} batches; "
-          f"{workdir}/importance.json)")
-  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-
-
-def load_teacher(config, mesh=None) -> Callable:
-  """A frozen ``inputs -> {"logits"}`` of the largest arch of ``config.teacher_workdir``'s
-  supernet (+ ``"extra"``: hidden states when the config distils them), replicated over
-  ``mesh`` if given."""
-  sharding = distributed.replicated(mesh) if mesh is not None else None
-  teacher = workdir_lib.load_supernet(config.teacher_workdir, sharding=sharding)
-  model, variables, largest = teacher.model, teacher.variables, teacher.space.largest()
-  if LossOptions.from_config(config).hidden:
-    def forward(inputs):
-      logits, extra = model.apply(variables, inputs, largest, train=False, return_hidden=True)
-      return {"logits": logits, "extra": extra}
-    return forward
-  return lambda inputs: {"logits": model.apply(variables, inputs, largest, train=False)}
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -407,9 +330,10 @@ def _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, i
     return state, tx
   state, tx = workdir_lib.init_state(model, config.seed, tx_factory, sample)
   if config.get("init_workdir"):
-    state = init_from_workdir(state, config, is_main)
+    state = starting_weights.init_from_workdir(state, config, is_main)
   if config.get("reorder", {}).get("enabled", False):
-    state = reorder_by_importance(state, model, config, train_source, workdir, is_main)
+    state = starting_weights.reorder_by_importance(state, model, config, train_source, workdir,
+                                                   is_main)
   return distributed.replicate(state, mesh), tx
 
 
@@ -436,7 +360,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tx_factory = functools.partial(make_optimizer, config, schedule)
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
   state, tx = _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, is_main)
-  teacher = load_teacher(config, mesh) if config.distill == "teacher" else None
+  teacher = (starting_weights.load_teacher(config, LossOptions.from_config(config).hidden, mesh)
+             if config.distill == "teacher" else None)
   train_step = make_train_step(model, space, config, tx, max(p.num_subnets for p in phases),
                                teacher, mesh)
   block, blocks = distributed.process_block(mesh, config.batch_size)
@@ -449,20 +374,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
 
 def start_phase(run: Run, index: int) -> TrainState:
-  """The state a phase starts from: its expanded channels re-sorted by importance if the
-  phase asks (OFA before each expand phase), and a fresh optimizer state after the first phase
-  (OFA builds a new optimizer per phase) or after a sort (the old momentum would point at the
-  old channel order)."""
-  phase, state = run.phases[index], run.state
-  fresh = phase.sort_channels or (index > 0 and run.config.get("fresh_optimizer", True))
-  if not (fresh or phase.sort_channels):
+  """The run's state at the start of phase ``index`` (see ``starting_weights.phase_start``),
+  replicated."""
+  phase = run.phases[index]
+  state = starting_weights.phase_start(run.state, phase, index, run.model, run.tx, run.config)
+  if state is run.state:
     return state
-  if phase.sort_channels:
-    from ofajax import importance  # pylint: disable=g-import-not-at-top
-    variables = importance.sort_channels(run.model, jax.device_get(state.variables),
-                                         expand_stage=phase.expand_stage)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-  state = state.replace(opt_state=fresh_optimizer_state(run.tx, state))
   if run.is_main:
     sorted_note = "channels sorted by importance, " if phase.sort_channels else ""
     print(f"phase {phase.name}: {sorted_note}fresh optimizer state")

@@ -17,6 +17,7 @@ import ofajax
 from configs import ofa_pretrained
 from ofajax import cost, train
 from ofajax.workdir import Checkpoints, abstract_like, init_state, load_supernet
+from ofajax.phases import Phase
 from ofajax.convert import net_config, ofa_torch
 from ofajax.convert.workdir import write_workdir
 from conftest import rel_err
@@ -294,7 +295,7 @@ def test_cli_writes_a_workdir_train_py_restores(tmp_path, monkeypatch, official)
   model, space = ofajax.models.get(config.model, **dict(config.model_options))
   monkeypatch.setattr(ofajax.models, "init", lambda m, key, x: jax.tree.map(
       lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(m.init, key, x, space.largest())))
-  phases = [train.Phase(p, i, space, 625) for i, p in enumerate(config.phases)]
+  phases = [Phase(p, i, space, 625) for i, p in enumerate(config.phases)]
   state, _ = init_state(model, config.seed, lambda p: train.make_optimizer(
       config, train.make_schedule(phases), p), jnp.zeros((1, 224, 224, 3)))
   ckpt = Checkpoints(workdir)

@@ -24,6 +24,7 @@ import pytest
 from ofajax import data, distributed, models, precision
 from ofajax import train as training
 from ofajax.workdir import Checkpoints, abstract_state
+from ofajax.phases import Phase
 from tests import tiny_dist_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +66,7 @@ def _restore(workdir, step=None):
   """A checkpoint of tiny_dist_config onto this process's one device."""
   config = tiny_dist_config.get_config()
   model, space = models.get(config.model, **dict(config.model_options))
-  phase = training.Phase(config.phases[0], 0, space, 44)
+  phase = Phase(config.phases[0], 0, space, 44)
   tx_factory = lambda p: training.make_optimizer(config, training.make_schedule([phase]), p)
   sample = jnp.zeros((1, 8, 8, 1))
   target, _ = abstract_state(model, tx_factory, sample,

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from ofajax import losses, models, phases
+from ofajax import losses, models, phases, starting_weights
 from ofajax import train as training
 
 
@@ -224,7 +224,7 @@ def test_fresh_optimizer_state_restarts_momentum_but_not_the_schedule():
   for _ in range(4):
     updates, opt_state = tx.update({"w": jnp.ones(3)}, state.opt_state, state.params)
     state = state.replace(opt_state=opt_state)
-  fresh = training.fresh_optimizer_state(tx, state)
+  fresh = starting_weights.fresh_optimizer_state(tx, state)
   momentum = [s for s in jax.tree.leaves(fresh) if np.shape(s) == (3,)]
   assert momentum and all(np.all(np.asarray(m) == 0) for m in momentum)
   counts = [s.count for s in jax.tree.leaves(
@@ -299,7 +299,7 @@ def test_compofa_starts_from_an_ofa_workdir_and_a_misfit_is_named(tmp_path):
   target.model_options = ml_collections.ConfigDict({**tiny, "kernel_transform": False})
   target.init_workdir = str(tmp_path / "ofa")
   model, space = models.get(target.model, **dict(target.model_options))
-  state = training.init_from_workdir(_state(_random_variables(model, space, 1)), target, False)
+  state = starting_weights.init_from_workdir(_state(_random_variables(model, space, 1)), target, False)
   np.testing.assert_array_equal(state.params["classifier"]["kernel"],
                                 ofa_vars["params"]["classifier"]["kernel"])
   np.testing.assert_array_equal(state.batch_stats["stem"]["bn"]["mean"],
@@ -311,7 +311,7 @@ def test_compofa_starts_from_an_ofa_workdir_and_a_misfit_is_named(tmp_path):
   model, space = models.get(wider.model, **dict(wider.model_options))
   with pytest.raises(ValueError, match=r"params\['stage0_block0'\]\['depthwise'\]\['kernel'\] "
                      r"has shape \(7, 7, 1, 64\) here, the source has shape \(7, 7, 1, 48\)"):
-    training.init_from_workdir(_state(_random_variables(model, space)), wider, False)
+    starting_weights.init_from_workdir(_state(_random_variables(model, space)), wider, False)
 
 
 def test_phase_start_sorts_channels_and_restarts_the_optimizer():

@@ -15,6 +15,7 @@ from configs import default
 from ofajax import data, losses, models
 from ofajax import train as training
 from ofajax.workdir import Checkpoints, abstract_like, build_model, init_state
+from ofajax.phases import Phase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +32,7 @@ def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   # execution has its own tests: test_active_execution.py and the one-compile test below).
   c.execution = "masked"
   c.batch_size = 32
-  c.num_epochs = 12 / 38  # 12 steps of 38 per epoch
+  c.num_epochs = 60 / 38  # 60 steps of 38 per epoch: enough to learn well above chance
   c.phases[0].warmup_epochs = 0.0
   c.log_every_steps = 4
   c.checkpoint_every_steps = 4
@@ -55,7 +56,7 @@ def _restore_params(workdir, config):
   model, space = models.get(config.model, **dict(config.model_options))
   sample = jnp.zeros((1, config.resolution, config.resolution, 1))
   state, _ = init_state(model, config.seed, lambda p: training.make_optimizer(
-      config, training.make_schedule([training.Phase(config.phases[0], 0, space, 44)]), p), sample)
+      config, training.make_schedule([Phase(config.phases[0], 0, space, 44)]), p), sample)
   restored, _ = Checkpoints(workdir).restore(abstract_like(state))
   return restored
 
@@ -67,12 +68,14 @@ def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir):
   names = [r["name"] for r in records]
   assert names[:2] == ["largest", "smallest"] and len(records) == 4
   for r in records:
-    assert set(r) == {"name", "arch", "macs", "params", "top1"} and 0.0 <= r["top1"] <= 1.0
+    assert set(r) == {"name", "arch", "macs", "params", "top1"}
+    assert r["top1"] >= 0.2, r  # it learned: twice chance on 10 classes after 60 steps
   by_name = {r["name"]: r for r in records}
+  assert by_name["largest"]["top1"] >= 0.3  # measured 0.43 (smallest 0.34) on 2 CPU cores
   assert by_name["largest"]["macs"] > by_name["smallest"]["macs"]
   assert json.load(open(os.path.join(full, "eval.json"))) == records
   lines = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
-  assert [l["step"] for l in lines if "loss" in l] == [4, 8, 12]
+  assert [l["step"] for l in lines if "loss" in l] == list(range(4, 61, 4))
   assert all(np.isfinite(l["loss"]) for l in lines if "loss" in l)
   assert os.path.getsize(os.path.join(full, "accuracy_vs_macs.png")) > 1000
   assert json.load(open(os.path.join(full, "config.json")))["model"] == "ofa_mbv3_tiny"
@@ -83,7 +86,7 @@ def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir):
   assert Checkpoints(parted).latest_step() == 6
   training.train_and_evaluate(config, parted)
   a, b = _restore_params(full, config), _restore_params(parted, config)
-  assert int(a.step) == int(b.step) == 12
+  assert int(a.step) == int(b.step) == 60
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 
@@ -110,7 +113,7 @@ def test_one_compile_across_three_phases_and_20_steps():
                      sampling="random", restrict={"expand": [6]}),
                 dict(name="expand", epochs=1, learning_rate=0.02, num_subnets=4,
                      sampling="sandwich", restrict={})]
-  phases = [training.Phase(ml_collections.ConfigDict(p), i, space, 7)
+  phases = [Phase(ml_collections.ConfigDict(p), i, space, 7)
             for i, p in enumerate(phase_cfgs)]
   config.distill = "none"
   x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
@@ -202,7 +205,7 @@ def test_every_config_builds_its_model_and_phases(name, arg):
   module = importlib.import_module(f"configs.{name}")
   config = module.get_config(arg) if arg else module.get_config()
   model, space = models.get(config.model, **dict(config.model_options))
-  phases = [training.Phase(p, i, space, 100) for i, p in enumerate(config.phases)]
+  phases = [Phase(p, i, space, 100) for i, p in enumerate(config.phases)]
   assert phases and all(p.steps > 0 and p.learning_rate > 0 for p in phases)
   assert config.dataset in data.DATASETS
   if name.startswith("ofa_mbv3") and arg is None:  # OFA: K357 -> D34 -> D234 -> E46 -> E346

@@ -8,12 +8,10 @@ counts as finished: train.py resumes into its final evaluation, search.py reads 
 
 from __future__ import annotations
 
-import os
 
 import jax
-import jax.numpy as jnp
 
-from ofajax import train
+from ofajax import phases, train
 from ofajax import workdir as workdir_lib
 
 
@@ -35,13 +33,13 @@ def write_workdir(workdir: str, config, variables: dict, meta: dict | None = Non
                             "import into a new --workdir")
     # The schedule's length does not depend on the data set here: the imported config's phases
     # are empty (0 epochs -> 1 step each), so steps_per_epoch=1 gives train.py's count.
-    phases = [train.Phase(p, i, space, 1) for i, p in enumerate(config.phases)]
-    step = sum(p.steps for p in phases)
-    tx = train.make_optimizer(config, train.make_schedule(phases), variables["params"])
+    run_phases = [phases.Phase(p, i, space, 1) for i, p in enumerate(config.phases)]
+    step = sum(p.steps for p in run_phases)
+    tx = train.make_optimizer(config, train.make_schedule(run_phases), variables["params"])
     _, rng = jax.random.split(jax.random.key(config.seed))  # as workdir.init_state splits it
     state = workdir_lib.new_state(variables, jax.jit(tx.init)(variables["params"]), rng, step)
     workdir_lib.write_config(workdir, config)
-    ckpt.save(step, state, {"step": step, "phase": phases[-1].name, **(meta or {})})
+    ckpt.save(step, state, {"step": step, "phase": run_phases[-1].name, **(meta or {})})
   finally:
     ckpt.close()
   return step
