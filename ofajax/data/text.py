@@ -63,17 +63,9 @@ _WORDS = re.compile(r"\w+|[^\w\s]")
 # Tokenizer and vocabulary.
 
 
-def _as_str(text) -> str:
-  if isinstance(text, np.ndarray):
-    text = text.item()
-  if isinstance(text, (bytes, np.bytes_)):
-    text = bytes(text).decode("utf-8")
-  return str(text)
-
-
 def tokenize(text) -> list[str]:
   """Lowercased words (`\\w+`) and punctuation characters, in order; bytes are read as UTF-8."""
-  return _WORDS.findall(_as_str(text).lower())
+  return _WORDS.findall(wordpiece.as_str(text).lower())
 
 
 def _check_vocab_size(vocab_size: int) -> None:

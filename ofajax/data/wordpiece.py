@@ -28,7 +28,8 @@ import numpy as np
 SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]"}
 
 
-def _as_str(text) -> str:
+def as_str(text) -> str:
+  """A record's text field (numpy scalar, bytes or str) as a Python str, UTF-8 decoded."""
   if isinstance(text, np.ndarray):
     text = text.item()
   if isinstance(text, (bytes, np.bytes_)):
@@ -64,7 +65,7 @@ class WordPieceVocabulary:
 
   def pieces(self, text) -> list[int]:
     """The WordPiece ids of ``text``, without special tokens or truncation."""
-    return self.tokenizer.encode(_as_str(text), add_special_tokens=False).ids
+    return self.tokenizer.encode(as_str(text), add_special_tokens=False).ids
 
   def encode(self, text, length: int) -> np.ndarray:
     """int32 [length]: [CLS] piece ids [SEP], pieces cut to length - 2, then [PAD]s."""
