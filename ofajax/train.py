@@ -35,6 +35,7 @@ import optax
 
 from ofajax import cost, data, distributed, evaluation, losses, models, precision, reporting
 from ofajax import starting_weights
+from ofajax.data import splits
 from ofajax.phases import Phase, sample_archs
 from ofajax import workdir as workdir_lib
 from ofajax.metrics_writer import MetricsWriter
@@ -349,6 +350,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   distributed.check_batch_size(config.batch_size, num_shards)
   train_source = data.load(config.dataset, config.train_split, config.data_dir or None,
                            tokenizer=config.get("tokenizer") or None)
+  splits.check_holdout(config.train_split, int(config.get("holdout", 0)), splits.split_sizes(
+      config.dataset, [config.train_split], config.data_dir or None))
   steps_per_epoch = max(1, len(train_source) // config.batch_size)
   phases = [Phase(p, i, space, steps_per_epoch) for i, p in enumerate(config.phases)]
   if is_main:

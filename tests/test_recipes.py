@@ -338,3 +338,13 @@ def test_phase_start_sorts_channels_and_restarts_the_optimizer():
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want["params"]),
                                                       jax.tree.leaves(variables["params"])))
   assert all(np.all(np.asarray(m) == 0) for m in jax.tree.leaves(started.opt_state))
+
+
+def test_a_training_split_that_reads_the_holdout_is_refused():
+  from ofajax.data import splits  # pylint: disable=g-import-not-at-top
+  splits.check_holdout("train[:-500]", 500, {"train": 4000})
+  splits.check_holdout("train", 0, {"train": 4000})
+  with pytest.raises(ValueError, match=r"holdout=500 .* reads them: train on 'train\[:-500\]'"):
+    splits.check_holdout("train", 500, {"train": 4000})
+  with pytest.raises(ValueError, match="holdout=500"):
+    splits.check_holdout("train[:-400]", 500, {"train": 4000})

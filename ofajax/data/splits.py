@@ -96,6 +96,17 @@ def check_disjoint(train_split: str, valid_split: str, num_examples: Sizes) -> N
       f"every subnet's accuracy. {_advice(train_split, valid, num_examples)}")
 
 
+def check_holdout(train_split: str, holdout: int, num_examples: Sizes) -> None:
+  """Raises a ValueError when ``train_split`` reads any of the last ``holdout`` examples of its
+  base split, which ``config.holdout`` keeps for search's validation."""
+  if holdout > 0 and overlap(train_split, holdout_split(train_split, holdout), num_examples):
+    base = base_names(train_split)[0]
+    raise ValueError(
+        f"config.holdout={holdout} keeps the last {holdout} examples of {base!r} for search's "
+        f"validation, but config.train_split {train_split!r} reads them: train on "
+        f"'{base}[:-{holdout}]', or set config.holdout=0 to hold nothing out")
+
+
 def unseen_tail(train_split: str, num_examples: Sizes, base: str | None = None) -> str | None:
   """The end of the base split ``base`` (default: ``train_split``'s first) after the last
   example ``train_split`` reads, e.g. "train[-500:]" for "train[:-500]"; None when training
