@@ -50,10 +50,11 @@ def hidden_state_mse(student: dict, teacher: dict) -> tuple[jax.Array, jax.Array
   layers the subnet keeps, its k-th kept layer (1-based) of d*L is matched with the teacher's
   layer floor(k / d), DynaBERT's mapping (``kept_layers_index`` in its run_glue.py): a subnet
   at half depth matches teacher layers 2, 4, ..., L, and its last layer always the teacher's
-  last. Padding tokens do not count. Every token's vector is standardised (a LayerNorm without parameters) before the
-  squared error: a pre-LN transformer's residual stream grows in scale with depth and training,
-  and unnormalised MSE on it made training diverge (measured on the MNIST ViT: gradient norm 1.5
-  -> 320 in 40 steps); post-LN BERT's hidden states are normalised already.
+  last. Padding tokens do not count. Every token's vector is standardised (a LayerNorm
+  without parameters) before the squared error: a pre-LN transformer's residual stream grows
+  in scale with depth and training, and unnormalised MSE on it made training diverge
+  (measured on the MNIST ViT: gradient norm 1.5 -> 320 in 40 steps); post-LN BERT's hidden
+  states are normalised already.
   """
   tokens = student["token_mask"].astype(jnp.float32)
 

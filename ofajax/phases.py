@@ -86,7 +86,7 @@ class Phase:
       return family
     if not self.uniform:
       return []
-    grid = multipliers or np.linspace(lowest_multiplier(self.space, self.uniform), 1.0,
+    grid = multipliers or np.linspace(self.space.lowest_multiplier(self.uniform), 1.0,
                                       FAMILY_SIZE)
     return [self.space.uniform(float(m), self.uniform) for m in grid]
 
@@ -105,20 +105,6 @@ class Phase:
             "hidden_scale": jnp.float32(self.hidden_scale)}
 
 
-def lowest_multiplier(space, names) -> float:
-  """The smallest multiplier that still changes some position: below it every listed leaf is
-  at its smallest allowed value."""
-  ratios = []
-  for name in names:
-    values = np.asarray(space.leaf(name).values, np.float64)
-    mask = space.tables()["allowed"][name]
-    mask = np.asarray(mask)
-    low = np.where(mask, values, np.inf).min(-1)
-    high = np.where(mask, values, -np.inf).max(-1)
-    ratios.append((low / high).ravel())
-  return float(np.concatenate(ratios).min())
-
-
 def enumerate_family(space, uniform, multipliers) -> list[dict]:
   """Every (other leaves' values) x (multiplier) arch, largest first, as DynaBERT loops: depth
   in the outer loop, width in the inner. Leaves not in ``uniform`` must be scalars (depth) or
@@ -130,7 +116,7 @@ def enumerate_family(space, uniform, multipliers) -> list[dict]:
     allowed = space.allowed_values(leaf.name) if leaf.shape == () else None
     if leaf.shape == () and len(allowed) > 1:
       others.append((leaf.name, sorted(allowed, reverse=True)))
-    elif leaf.shape != () and not _fixed(space, leaf.name):
+    elif leaf.shape != () and not space.fixed(leaf.name):
       raise ValueError(f"sampling='all' enumerates scalar leaves only, but {leaf.name!r} (shape "
                        f"{leaf.shape}) has several allowed values: add it to 'uniform' or fix "
                        "it with 'restrict'")
@@ -141,10 +127,6 @@ def enumerate_family(space, uniform, multipliers) -> list[dict]:
     for m in sorted(multipliers, reverse=True):
       family.append(space.uniform(float(m), uniform, base))
   return family
-
-
-def _fixed(space, name: str) -> bool:
-  return bool((np.asarray(space.tables()["allowed"][name]).sum(-1) == 1).all())
 
 
 def sample_archs(space, key: jax.Array, phase: dict, num: int) -> dict:

@@ -239,15 +239,28 @@ class SearchSpace:
     base = self.largest() if base is None else base
     arch = {k: np.asarray(v, np.int64) for k, v in base.items()}
     for name in names:
-      leaf = self.leaf(name)
-      values = np.asarray(leaf.values, np.float64)
+      values = np.asarray(self.leaf(name).values, np.float64)
       mask = self._allowed[name]
-      largest = np.where(mask, values, -np.inf).max(-1, keepdims=True)
-      distance = np.where(mask, np.abs(values - multiplier * largest), np.inf)
+      _, largest = self._allowed_range(name)
+      distance = np.where(mask, np.abs(values - multiplier * largest[..., None]), np.inf)
       # reversed argmin: among equal distances, the larger value
       idx = len(values) - 1 - np.argmin(distance[..., ::-1], -1)
-      arch[name] = np.asarray(leaf.values, np.int64)[idx]
+      arch[name] = values.astype(np.int64)[idx]
     return arch
+
+  def lowest_multiplier(self, names: Sequence[str]) -> float:
+    """The smallest multiplier :meth:`uniform` tells apart: below it every position of the
+    leaves ``names`` is at its smallest allowed value."""
+    return float(min((low / high).min() for low, high in map(self._allowed_range, names)))
+
+  def fixed(self, name: str) -> bool:
+    """Whether every position of leaf ``name`` allows exactly one value."""
+    return bool((self._allowed[name].sum(-1) == 1).all())
+
+  def _allowed_range(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per position, the smallest and the largest allowed value (float64)."""
+    values, mask = np.asarray(self.leaf(name).values, np.float64), self._allowed[name]
+    return np.where(mask, values, np.inf).min(-1), np.where(mask, values, -np.inf).max(-1)
 
   # ---------------------------------------------------------------- sampling (pure JAX)
   def sample(self, key: jax.Array, tables: dict | None = None) -> Arch:

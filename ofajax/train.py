@@ -116,17 +116,15 @@ def make_schedule(phases: list[Phase], kind: str = "cosine"):
 
 
 def make_optimizer(config, schedule, params):
-  parts = []
+  parts, mask = [], decay_mask(params, config.get("decay_depthwise", True))
   if config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.optimizer == "sgd":
     if config.weight_decay:
-      parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask(
-          params, config.get("decay_depthwise", True))))
+      parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
     parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
   else:
-    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask(
-        params, config.get("decay_depthwise", True))))
+    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask))
   return optax.chain(*parts)
 
 
@@ -206,7 +204,8 @@ def accumulate_subnets(grad_fn: Callable, opts: LossOptions, state: TrainState, 
                        archs, keys, phase, external_teacher, teacher_slot):
   """Summed gradients over the stacked subnets, one at a time in a ``lax.scan`` (memory of one
   subnet, one copy of forward + backward in the compiled step); subnets beyond ``num_subnets``
-  are skipped with ``lax.cond`` (``phase``: the phase's data). Returns (grads, batch_stats, summed loss, subnet 0's loss)."""
+  are skipped with ``lax.cond`` (``phase``: the phase's data). Returns (grads, batch_stats,
+  summed loss, subnet 0's loss)."""
 
   def body(carry, xs):
     arch, key, i = xs

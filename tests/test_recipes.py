@@ -74,7 +74,7 @@ def test_us_nets_uniform_width_fixed_head_and_recipe():
   assert phase.warmup_steps == 0 and config.learning_rate == 0.5 and config.batch_size == 1024
   # Every random subnet is one multiplier r applied to every group: each width is the multiple
   # of 8 nearest to r x its full width (or the group's narrowest).
-  grid = np.linspace(phases.lowest_multiplier(space, ["width"]), 1.0, phases.FAMILY_SIZE)
+  grid = np.linspace(space.lowest_multiplier(["width"]), 1.0, phases.FAMILY_SIZE)
   lows = np.array([v[0] for v in model.group_values()])
   full = np.asarray(model.max_widths())
   for r, arch in zip(grid, phase.family):

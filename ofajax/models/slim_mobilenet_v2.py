@@ -144,10 +144,10 @@ class SlimMobileNetV2(nn.Module):
     if not 0 < self.min_width_ratio <= 1:
       raise ValueError(f"min_width_ratio must be in (0, 1], got {self.min_width_ratio}")
     out = []
-    head = self._plan().head_group
-    for g, c in enumerate(self.max_widths()):
+    plan = self._plan()
+    for g, c in enumerate(plan.max_widths):
       low = min(c, make_divisible(self.min_width_ratio * c, 8))
-      low = c if g == head and not self.slim_head else low
+      low = c if g == plan.head_group and not self.slim_head else low
       out.append(tuple(range(low, c + 1, 8)))
     return tuple(out)
 
