@@ -31,9 +31,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from ofajax import losses
-from ofajax.channel_sorting import sort_channels  # CNN supernets: OFA's L1 channel sorting
+from ofajax import channel_sorting
+from ofajax.elastic import ElasticNet
+from ofajax.elastic import sorting as elastic_sorting
 from ofajax.layers import transformer
 from ofajax.models.encoder import ElasticEncoderMixin
+
+
+def sort_channels(model, variables, *, expand_stage: int = 0) -> dict:
+  """CNN supernets' channels in descending L1 importance, the full network unchanged: OFA's
+  rule for the built-in CNNs (:mod:`ofajax.channel_sorting`), every elastic channel group for
+  an elasticized model (:mod:`ofajax.elastic.sorting`; it has no expand stages)."""
+  if isinstance(model, ElasticNet):
+    return elastic_sorting.sort_channels(model, variables)
+  return channel_sorting.sort_channels(model, variables, expand_stage=expand_stage)
 
 
 def _check_transformer(model, variables) -> int:

@@ -18,9 +18,21 @@ import jax
 import numpy as np
 import optax
 
-from ofajax import data, distributed, importance
+from ofajax import data, distributed, elastic, importance
 from ofajax import workdir as workdir_lib
 from ofajax.workdir import TrainState
+
+
+def init_from_factory(state: TrainState, model, config, is_main: bool) -> TrainState:
+  """An elasticized model starts from the pretrained variables its factory returns, if any
+  (the largest subnet is then the user's trained model)."""
+  fresh = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = elastic.factory_variables(model, workdir_lib.model_options(config), fresh)
+  if variables is None:
+    return state
+  if is_main:
+    print(f"initialised from the pretrained variables of {config.model_options.factory}")
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
 def init_from_workdir(state: TrainState, config, is_main: bool) -> TrainState:

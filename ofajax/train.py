@@ -329,6 +329,8 @@ def _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, i
       print(f"resumed from {ckpt.directory} at step {int(state.step)}")
     return state, tx
   state, tx = workdir_lib.init_state(model, config.seed, tx_factory, sample)
+  if config.model == workdir_lib.ELASTICIZE:
+    state = starting_weights.init_from_factory(state, model, config, is_main)
   if config.get("init_workdir"):
     state = starting_weights.init_from_workdir(state, config, is_main)
   if config.get("reorder", {}).get("enabled", False):

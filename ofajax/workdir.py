@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ofajax import models
+from ofajax import elastic, models
+
+ELASTICIZE = "elasticize"   # config.model for a user's own model (see ofajax.elastic)
 
 CONFIG_FILE = "config.json"
 
@@ -173,7 +175,10 @@ def model_options(config) -> dict:
 def build_model(config) -> tuple:
   """(model, space) that ``config`` names, run as ``config.execution`` says (see
   :func:`ofajax.models.with_execution`; configs without the key run "auto")."""
-  model, space = models.get(config.model, **model_options(config))
+  if config.model == ELASTICIZE:   # a user's own Flax model, from config.model_options.factory
+    model, space = elastic.from_config_options(model_options(config))
+  else:
+    model, space = models.get(config.model, **model_options(config))
   return models.with_execution(model, config.get("execution", "auto")), space
 
 

@@ -10,6 +10,8 @@ See ``docs/elasticize.md``.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 
 import flax.linen as nn
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ofajax.elastic.supernet import NET, DenseTwin, ElasticNet
+from ofajax.models import FAST_COMPILE
 from ofajax.elastic.tracing import ElasticizeError, as_struct, path_text
 
 # Names a user's __call__ may give its train flag ("!" = the flag means "not training").
@@ -59,13 +62,26 @@ def elasticize(module: nn.Module, sample_input, variables=None, *,
                         tuple(float(w) for w in widths), int(divisor),
                         skippable if callable(skippable) else tuple(skippable),
                         tuple(frozen))
+  supernet.input_spec   # NHWC images or token ids, else a clear error before tracing
   space = supernet.search_space()
-  x = jnp.zeros(spec.shape, spec.dtype)
-  fresh = jax.jit(supernet.init)(jax.random.key(seed), x, space.largest())
-  fresh = {"params": fresh["params"], "batch_stats": fresh.get("batch_stats", {})}
-  if variables is None:
-    return supernet, space, fresh
-  return supernet, space, wrap_variables(variables, fresh)
+  check_structure(supernet, space)
+  init = functools.partial(supernet.init, arch=space.largest())
+  if variables is not None:   # only the structure of a fresh init is needed: its shapes
+    return supernet, space, wrap_variables(variables, jax.eval_shape(init, jax.random.key(0),
+                                                                      spec))
+  # One-off: compile for speed of compilation (as ofajax.models.init does).
+  fresh = jax.jit(init).lower(jax.random.key(seed), spec).compile(
+      compiler_options=FAST_COMPILE)(jax.random.key(seed), jnp.zeros(spec.shape, spec.dtype))
+  return supernet, space, {"params": fresh["params"], "batch_stats": fresh.get("batch_stats", {})}
+
+
+def check_structure(supernet: ElasticNet, space) -> None:
+  """The smallest subnet calls the same layers as the full model (shapes only, nothing runs);
+  an ElasticizeError names the layer of a model that decides its structure from channel
+  counts."""
+  x = jax.ShapeDtypeStruct(supernet.sample_shape, jnp.dtype(supernet.sample_dtype))
+  dense = supernet.dense_model(space.to_host(space.smallest()))
+  jax.eval_shape(lambda x: dense.init(jax.random.key(0), x), x)
 
 
 def wrap_variables(user_variables, fresh: dict) -> dict:
@@ -73,6 +89,7 @@ def wrap_variables(user_variables, fresh: dict) -> dict:
   wrapped = {"params": {NET: dict(user_variables["params"])},
              "batch_stats": ({NET: dict(user_variables["batch_stats"])}
                              if "batch_stats" in user_variables else {})}
+  fresh = {"params": fresh["params"], "batch_stats": fresh.get("batch_stats", {})}
   want = jax.tree_util.tree_flatten_with_path(fresh)[0]
   have = dict(jax.tree_util.tree_flatten_with_path(wrapped)[0])
   for key, leaf in want:
@@ -98,5 +115,70 @@ def describe(supernet: ElasticNet) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["DenseTwin", "ElasticNet", "ElasticizeError", "describe", "elasticize",
-           "train_arg_of", "wrap_variables"]
+
+
+# --------------------------------------------------------------------------- from a config
+
+
+def load_factory(factory: str):
+  """The function ``"pkg.module:function"`` names (a clear error if it does not exist)."""
+  module_name, _, attr = str(factory).partition(":")
+  if not module_name or not attr:
+    raise ElasticizeError(f"factory must look like 'my_pkg.nets:resnet18', got {factory!r}")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ElasticizeError(f"factory {factory!r}: cannot import {module_name!r} ({e}); is its "
+                          "package on PYTHONPATH?") from e
+  fn = getattr(module, attr, None)
+  if not callable(fn):
+    raise ElasticizeError(f"factory {factory!r}: {module_name} has no function {attr!r}")
+  return fn
+
+
+def call_factory(factory: str, factory_options=None):
+  """``(module, sample_input, variables or None)`` from a factory returning ``(module,
+  sample_input)`` or ``(module, sample_input, variables)``."""
+  made = load_factory(factory)(**dict(factory_options or {}))
+  if not isinstance(made, tuple) or len(made) not in (2, 3) or not isinstance(made[0], nn.Module):
+    raise ElasticizeError(f"factory {factory!r} must return (flax module, sample_input) or "
+                          "(flax module, sample_input, variables)")
+  return made[0], made[1], (made[2] if len(made) == 3 else None)
+
+
+def from_factory(factory: str, factory_options=None, widths=(0.25, 0.5, 0.75, 1.0),
+                 divisor: int = 1, skippable=(), frozen=(), train_arg=None):
+  """``(supernet, space)`` for ``config.model = "elasticize"``: the factory's module made
+  elastic (its pretrained variables, if any, come from :func:`factory_variables`)."""
+  module, sample, _ = call_factory(factory, factory_options)
+  spec = as_struct(sample)
+  supernet = ElasticNet(module, tuple(spec.shape), str(spec.dtype),
+                        train_arg_of(module) if train_arg is None else train_arg,
+                        tuple(float(w) for w in widths), int(divisor), tuple(skippable),
+                        tuple(frozen))
+  supernet.input_spec   # NHWC images or token ids, else a clear error before tracing
+  space = supernet.search_space()
+  check_structure(supernet, space)
+  return supernet, space
+
+
+def from_config_options(options: dict):
+  """``from_factory`` from ``config.model_options``, naming what is missing or unknown."""
+  known = set(inspect.signature(from_factory).parameters)
+  unknown = sorted(set(options) - known)
+  if unknown or "factory" not in options:
+    raise ElasticizeError(
+        "config.model='elasticize' needs config.model_options.factory ('pkg.module:function' "
+        f"returning (module, sample_input[, variables])); unknown options {unknown}; options "
+        f"are {sorted(known)}")
+  return from_factory(**options)
+
+
+def factory_variables(supernet: ElasticNet, options: dict, fresh: dict):
+  """The factory's pretrained variables in the supernet's layout, or None if it gives none."""
+  _, _, variables = call_factory(options["factory"], options.get("factory_options"))
+  return None if variables is None else wrap_variables(variables, fresh)
+
+
+__all__ = ["DenseTwin", "ElasticNet", "ElasticizeError", "call_factory", "check_structure", "describe", "elasticize",
+           "factory_variables", "from_config_options", "from_factory", "load_factory", "train_arg_of", "wrap_variables"]

@@ -179,7 +179,7 @@ class ElasticNet(nn.Module):
   @nn.compact
   def __call__(self, x, arch, train: bool = False):
     check_execution(self.execution, self.executions)
-    plan = self.plan()
+    plan = self.plan(x.shape[1])   # a flatten's repeats depend on the resolution
     widths = self.group_widths(arch)
     keep = arch.get("keep", jnp.ones((len(plan.blocks),), jnp.int32))
     interceptor = _masking_interceptor(plan, widths, keep)
@@ -314,8 +314,9 @@ def _masked_batch_norm(next_fun, module, x, args, kwargs, keep):
   # A clone with every collection mutable computes the update, whatever the caller made
   # mutable (calibration makes only "bn_moments" mutable); it is written back selectively.
   variables = dict(module.variables)
-  y, updated = module.clone(parent=None).apply(variables, x, use_running_average=False,
-                                               mutable=["batch_stats"])
+  rest = {k: v for k, v in kwargs.items() if k != "use_running_average"}
+  y, updated = module.clone(parent=None, use_running_average=False).apply(
+      variables, x, mutable=["batch_stats"], **rest)
   old = variables["batch_stats"]
   if module.is_mutable_collection("batch_stats"):
     for name in ("mean", "var"):

@@ -256,6 +256,12 @@ class _Walk:
       return [None] * len(eqn.outvars)
     out_shape = eqn.outvars[0].aval.shape if eqn.outvars else ()
     if all(label is None for label in ins):
+      # Values computed from a parameter alone (reshaped, broadcast, cast) keep its name.
+      names = [self.param_names[v] for v in eqn.invars
+               if isinstance(v, jex.Var) and v in self.param_names]
+      for v in eqn.outvars:
+        if names:
+          self.param_names[v] = names[0]
       return [None] * len(eqn.outvars)
     what = f"operation {name!r}"
     if name in _ELEMENTWISE:
@@ -475,6 +481,9 @@ def _check_names(calls, skippable, frozen) -> None:
       raise ElasticizeError(f"frozen layer {name!r} is not a layer of the model; its layers "
                             f"are {layers}")
   for name in ([] if callable(skippable) else skippable or ()):
+    if str(name).strip("/") in layers:
+      raise ElasticizeError(f"skippable block {name!r} is a single layer; name the module "
+                            "that holds the block's layers (its output replaces its input)")
     if str(name).strip("/") not in blocks:
       raise ElasticizeError(f"skippable block {name!r} is not a module the model calls "
                             "(paths are module names joined by '/', e.g. 'layer1/block0')")

@@ -1,0 +1,264 @@
+"""ofajax.elasticize on models nobody tuned for it (tests/user_models.py): the largest subnet is
+the original model, dense subnets equal the masked supernet, costs are exact, sorting keeps the
+function, training-mode BatchNorm matches, and bad models get clear errors."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jcore
+
+import ofajax
+from ofajax import bn, cost, export
+from ofajax.elastic import ElasticizeError, describe, sorting
+from ofajax.elastic.supernet import call_kwargs
+from ofajax.models import FAST_COMPILE
+from conftest import rel_err
+from user_models import MODELS
+
+NAMES = sorted(MODELS)
+
+
+def _random_variables(abstract, seed: int):
+  """Seeded random weights of the right shapes (no init compile): BatchNorm statistics off
+  their defaults so that every path through a BatchNorm matters."""
+  rng = np.random.default_rng(seed)
+
+  def one(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['var']"):
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    return (rng.standard_normal(leaf.shape) * 0.3).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+@functools.lru_cache(maxsize=None)
+def converted(name):
+  """(module, x, user variables, supernet, space, variables, jitted masked forward)."""
+  module, shape, skippable = MODELS[name]
+  x = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+  kwargs = call_kwargs(ofajax.elastic.train_arg_of(module), False)
+  abstract = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, **kwargs), x)
+  user_variables = _random_variables(abstract, 0)
+  supernet, space, variables = ofajax.elasticize(module, x, user_variables, skippable=skippable)
+  return module, x, user_variables, supernet, space, variables, jax.jit(supernet.apply)
+
+
+def _fast_jit(fn, *args):
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_largest_is_the_original_and_one_trace_serves_50_archs(name):
+  module, x, user_variables, supernet, space, variables, _ = converted(name)
+  kwargs = call_kwargs(supernet.train_arg, False)
+  original = _fast_jit(lambda v, x: module.apply(v, x, **kwargs), user_variables, x)
+  traces = []
+
+  @jax.jit
+  def forward(v, x, arch):
+    traces.append(1)
+    return supernet.apply(v, x, arch)
+
+  assert rel_err(forward(variables, x, space.largest()), original) <= 1e-6
+  archs = jax.vmap(space.sample)(jax.random.split(jax.random.key(3), 50))
+  for i in range(50):
+    forward(variables, x, jax.tree.map(lambda a: a[i], archs))
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dense_subnets_equal_the_masked_supernet_and_count_exactly(name):
+  _, x, _, supernet, space, variables, masked = converted(name)
+  archs = [space.smallest()] + [space.sample(jax.random.key(i)) for i in range(19)]
+  for arch in archs:
+    dense, dense_variables = export.extract_subnet(supernet, variables, arch, space)
+    logits = _fast_jit(lambda v, x: dense.apply(v, x), dense_variables, x)
+    assert rel_err(logits, masked(variables, x, arch)) <= 1e-5, space.to_json(arch)
+    exported = sum(int(np.size(a)) for a in jax.tree.leaves(dense_variables["params"]))
+    assert cost.count(supernet, arch, x.shape[1])["params"] == exported
+
+
+def _conv_and_dot_flops(fn, *args):
+  """XLA's cost_analysis flops of every convolution and dot in ``fn``, each compiled alone."""
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+        yield eqn
+      for p in eqn.params.values():
+        if isinstance(p, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+          yield from walk(getattr(p, "jaxpr", p))
+  total = 0.0
+  for eqn in walk(jax.make_jaxpr(fn)(*args).jaxpr):
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    single = jax.jit(lambda *a, e=eqn: e.primitive.bind(*a, **e.params))
+    analysis = single.lower(*avals).compile().cost_analysis()
+    total += (analysis if isinstance(analysis, dict) else analysis[0])["flops"]
+  return total
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_macs_agree_with_xla_cost_analysis(name):
+  """XLA counts 2 flops per multiply-add and skips taps that fall on zero padding; the
+  analytic count (OFA's convention) counts every tap. Without padding they agree exactly."""
+  _, x, _, supernet, space, variables, _ = converted(name)
+  arch = space.sample(jax.random.key(11))
+  dense, dense_variables = export.extract_subnet(supernet, variables, arch, space)
+  xla = _conv_and_dot_flops(lambda v, x: dense.apply(v, x), dense_variables, x[:1]) / 2
+  macs = cost.count(supernet, arch, x.shape[1])["macs"]
+  if name == "mlp":
+    assert xla == macs
+  else:
+    assert 0.7 < xla / macs <= 1.0, (xla, macs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_importance_sorting_keeps_the_full_network(name):
+  _, x, _, supernet, space, variables, masked = converted(name)
+  variables = jax.device_get(variables)
+  sorted_variables = sorting.sort_channels(supernet, variables)
+  largest = space.largest()
+  assert rel_err(masked(sorted_variables, x, largest), masked(variables, x, largest)) <= 1e-5
+  smallest = space.smallest()
+  assert rel_err(masked(sorted_variables, x, smallest), masked(variables, x, smallest)) > 1e-3
+  # Sorting twice changes nothing more: the first sort left every group in descending order.
+  again = sorting.sort_channels(supernet, sorted_variables)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again),
+                                                   jax.tree.leaves(sorted_variables)))
+
+
+def test_groups_follow_residuals_depthwise_concat_and_flatten():
+  by_path = lambda name: {l.path: l for l in converted(name)[3].plan().layers}
+  resnet = converted("resnet18")[3]
+  producers = [g.producers for g in resnet.plan().groups]
+  stage1 = next(p for p in producers if "stage1_block0/conv_proj" in p)
+  assert set(stage1) == {"stage1_block0/conv_proj", "stage1_block0/Conv_1",
+                         "stage1_block1/Conv_1"}
+  assert any(set(p) == {"conv_init", "stage0_block0/Conv_1", "stage0_block1/Conv_1"}
+             for p in producers)
+  assert resnet.plan().groups[by_path("resnet18")[("head",)].out_label[0][0]].fixed_by
+  mobilenet = by_path("mobilenet_v2")
+  depthwise = mobilenet[("InvertedResidual_1", "Conv_1")]
+  assert depthwise.depthwise and depthwise.in_label == depthwise.out_label
+  assert depthwise.in_label == mobilenet[("InvertedResidual_1", "Conv_0")].out_label
+  unet = by_path("unet")
+  assert [s for _, s in unet[("Conv_2",)].in_label] == [8, 8]        # concat: up, e1
+  assert len(by_path("vgg")[("Dense_0",)].in_label) == 16            # flatten of 4x4x16
+  text = describe(resnet)
+  assert "stage1_block0/conv_proj" in text and "keep[2]: stage2_block1" in text
+
+
+def test_training_mode_batchnorm_matches_the_dense_subnet_and_calibrates():
+  _, x, _, supernet, space, variables, _ = converted("resnet18")
+  arch = space.sample(jax.random.key(5))
+  logits, state = supernet.apply(variables, x, arch, train=True, mutable=["batch_stats"])
+  dense, dense_variables = export.extract_subnet(supernet, variables, arch, space)
+  dense_logits, dense_state = dense.apply(dense_variables, x, train=True, mutable=["batch_stats"])
+  assert rel_err(logits, dense_logits) <= 1e-5
+  updated = supernet.slice_variables({"params": variables["params"], **state}, arch)
+  for a, b in zip(jax.tree.leaves(updated["batch_stats"]),
+                  jax.tree.leaves(dense_state["batch_stats"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Channels the subnet does not use keep their running statistics.
+  site = ("stage0_block0", "BatchNorm_0")   # momentum 0.9
+  layer = next(l for l in supernet.plan().layers if l.path == site)
+  width = int(supernet.group_widths(arch, np)[layer.out_label[0][0]])
+  before = variables["batch_stats"]["net"][site[0]][site[1]]["mean"]
+  after = state["batch_stats"]["net"][site[0]][site[1]]["mean"]
+  assert width < before.shape[0]
+  np.testing.assert_array_equal(after[width:], before[width:])
+  # Calibration on one batch gives that batch's moments: the dense subnet's, read back from
+  # its running-mean update (new = 0.9 old + 0.1 batch).
+  stacked = jax.tree.map(lambda a: jnp.asarray(a)[None], arch)
+  calibrated = bn.calibrate_bn(supernet, variables, stacked, x[None], archs_per_call=1)
+  assert jax.tree.structure(calibrated) == jax.tree.structure(variables["batch_stats"])
+  dense_old = dense_variables["batch_stats"]["net"][site[0]][site[1]]["mean"]
+  dense_new = dense_state["batch_stats"]["net"][site[0]][site[1]]["mean"]
+  batch_mean = (dense_new - 0.9 * dense_old) / 0.1
+  np.testing.assert_allclose(calibrated["net"][site[0]][site[1]]["mean"][0, :width], batch_mean,
+                             rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+class _Convs(nn.Module):
+  """conv -> (something) -> conv -> pool -> dense; ``middle`` is the thing under test."""
+  middle: str = "relu"
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3))(x)
+    if self.middle == "layer_norm":
+      x = nn.LayerNorm()(x)
+    elif self.middle == "own_scale":
+      x = x * self.param("scale", nn.initializers.ones, (8,))
+    elif self.middle == "channel_norm":
+      x = x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1.0)
+    x = nn.relu(nn.Conv(8, (3, 3))(nn.relu(x)))
+    return nn.Dense(4)(jnp.mean(x, axis=(1, 2)))
+
+
+class _WidthDependent(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3))(x)
+    y = nn.Conv(8, (3, 3))(nn.relu(x))
+    if x.shape[-1] != 8:   # decides structure from a channel count: breaks in a subnet
+      x = nn.Conv(8, (1, 1), name="proj")(x)
+    return nn.Dense(4)(jnp.mean(x + y, axis=(1, 2)))
+
+
+class _Grow(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(16, (3, 3))(x)
+
+
+class _Grows(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3))(x)
+    x = _Grow(name="grow")(x)
+    return nn.Dense(4)(jnp.mean(x, axis=(1, 2)))
+
+
+X = jnp.ones((1, 8, 8, 2))
+
+
+@pytest.mark.parametrize("middle, match", [
+    ("layer_norm", r"LayerNorm_0 \(LayerNorm\).*Conv_0.*frozen=\('Conv_0',\)"),
+    ("own_scale", r"parameter \['params'\]\['scale'\].*frozen=\('Conv_0',\)"),
+    ("channel_norm", r"'reduce_sum' over the channel axis \(after Conv_0\)"),
+])
+def test_operations_it_cannot_follow_are_named_and_freezing_fixes_them(middle, match):
+  with pytest.raises(ElasticizeError, match=match):
+    ofajax.elasticize(_Convs(middle), X)
+  supernet, space, _ = ofajax.elasticize(_Convs(middle), X, frozen=("Conv_0",))
+  assert space.leaf("width").shape == (1,)   # Conv_1's group stays elastic
+
+
+def test_bad_models_and_choices_give_clear_errors():
+  with pytest.raises(ElasticizeError, match="decides its structure from channel counts"):
+    ofajax.elasticize(_WidthDependent(), X)
+  with pytest.raises(ElasticizeError, match="only blocks whose output has their input's shape"):
+    ofajax.elasticize(_Grows(), X, skippable=("grow",))
+  with pytest.raises(ElasticizeError, match="leaves no channel of Conv_0"):
+    ofajax.elasticize(_Convs(), X, widths=(0.05, 1.0), divisor=2)
+  with pytest.raises(ElasticizeError, match="frozen layer 'Conv_9' is not a layer"):
+    ofajax.elasticize(_Convs(), X, frozen=("Conv_9",))
+  with pytest.raises(ElasticizeError, match="'Conv_0' is a single layer"):
+    ofajax.elasticize(_Convs(), X, skippable=("Conv_0",))
+  with pytest.raises(ElasticizeError, match="skippable block 'nope' is not a module"):
+    ofajax.elasticize(_Convs(), X, skippable=("nope",))
+  with pytest.raises(ElasticizeError, match="variables\\['params'\\]\\['net'\\]"):
+    ofajax.elasticize(_Convs(), X, variables={"params": {}})
+  with pytest.raises(ElasticizeError, match="NHWC images"):
+    ofajax.elasticize(_Convs(), jnp.ones((2, 8)))
+  with pytest.raises(ElasticizeError, match="cannot import 'no_such_pkg.nets'"):
+    ofajax.elastic.from_config_options({"factory": "no_such_pkg.nets:resnet"})
+  with pytest.raises(ElasticizeError, match="needs config.model_options.factory"):
+    ofajax.elastic.from_config_options({"widths": (0.5, 1.0)})
