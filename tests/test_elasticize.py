@@ -18,6 +18,7 @@ from ofajax.elastic.supernet import call_kwargs
 from ofajax.models import FAST_COMPILE
 from conftest import rel_err
 from user_models import MODELS
+from test_train import data_dir  # noqa: F401  (a fixture)
 
 NAMES = sorted(MODELS)
 
@@ -262,3 +263,63 @@ def test_bad_models_and_choices_give_clear_errors():
     ofajax.elastic.from_config_options({"factory": "no_such_pkg.nets:resnet"})
   with pytest.raises(ElasticizeError, match="needs config.model_options.factory"):
     ofajax.elastic.from_config_options({"widths": (0.5, 1.0)})
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _pretrain_digits_cnn(data_dir, steps: int = 150):
+  """The user's own training of their plain CNN (optax Adam, their code, not ofajax's)."""
+  import optax
+  from ofajax import data
+  from user_models import DigitsCNN
+  source = data.load("digits", "train[:-200]", data_dir)
+  batches = data.make_train_iterator(source, batch_size=64, seed=0, dataset="digits")
+  module = DigitsCNN()
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(variables, opt_state, images, labels):
+    def loss(params):
+      logits, state = module.apply({**variables, "params": params}, images, train=True,
+                                   mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
+    grads, state = jax.grad(loss, has_aux=True)(variables["params"])
+    updates, opt_state = tx.update(grads, opt_state)
+    return {"params": optax.apply_updates(variables["params"], updates), **state}, opt_state
+
+  opt_state = tx.init(variables["params"])
+  for _, batch in zip(range(steps), batches):
+    variables, opt_state = step(variables, opt_state, batch["inputs"], batch["label"])
+  return variables
+
+
+def test_a_users_cnn_is_elasticized_trained_searched_and_exported(tmp_path, data_dir):
+  import flax
+  import ml_collections
+  from configs.search import autoslim
+  from ofajax import train as training
+  from ofajax.search.run import run_search
+  from test_search import search_config
+  from test_train import tiny_config
+
+  weights = str(tmp_path / "digits_cnn.msgpack")
+  with open(weights, "wb") as f:
+    f.write(flax.serialization.to_bytes(_pretrain_digits_cnn(data_dir)))
+  config = tiny_config(data_dir, model="elasticize", num_epochs=24 / 38)
+  config.model_options = ml_collections.ConfigDict({
+      "factory": "user_models:digits_cnn", "factory_options": {"weights": weights},
+      "widths": (0.5, 0.75, 1.0)})
+  config.phases[0].sort_channels = True
+  config.train_split, config.holdout = "train[:-360]", 360
+  workdir = str(tmp_path / "workdir")
+  records = {r["name"]: r for r in training.train_and_evaluate(config, workdir)}
+  assert records["largest"]["top1"] >= 0.8, records    # it started from the trained CNN
+  assert records["smallest"]["macs"] < 0.5 * records["largest"]["macs"]
+
+  result = run_search(search_config(autoslim, target_fractions=(0.6,)), workdir)
+  [row] = result["chosen"]
+  assert row["macs"] <= row["target_macs"]
+  served = export.load_stablehlo(f"{row['export_dir']}/model.stablehlo")
+  assert served(jnp.zeros((3, 8, 8, 1))).shape == (3, 10)

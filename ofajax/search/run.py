@@ -35,7 +35,7 @@ from ofajax.search import evolution, moves, pareto
 from ofajax.search.greedy import greedy_search
 from ofajax.search.latency import LatencyTable
 from ofajax.search.predictor import fit_and_report
-from ofajax.workdir import TrainedSupernet, load_supernet, read_config
+from ofajax.workdir import TrainedSupernet, load_supernet, model_options, read_config
 
 
 def run_search(config, workdir: str) -> dict:
@@ -433,7 +433,7 @@ def _export(out_dir: str, label: str, sup: TrainedSupernet, evaluator: evaluatio
   with open(os.path.join(path, "arch.json"), "w") as f:
     f.write(sup.space.to_json(arch))
   summary = {k: v for k, v in record.items() if k != "arch"}
-  summary.update(model=sup.model_name, model_options=dict(sup.config.get("model_options", {})),
+  summary.update(model=sup.model_name, model_options=model_options(sup.config),
                  resolution=resolution, name=sup.space.name(arch))
   with open(os.path.join(path, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
