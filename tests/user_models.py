@@ -55,12 +55,14 @@ class InvertedResidual(nn.Module):
   out_features: int
   expand: int
   strides: int = 1
+  kernel: int = 3
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     hidden = self.in_features * self.expand
     y = nn.relu6(nn.BatchNorm(not train)(nn.Conv(hidden, (1, 1), use_bias=False)(x)))
-    y = nn.Conv(hidden, (3, 3), self.strides, feature_group_count=hidden, use_bias=False)(y)
+    y = nn.Conv(hidden, (self.kernel,) * 2, self.strides, feature_group_count=hidden,
+                use_bias=False)(y)
     y = nn.relu6(nn.BatchNorm(not train)(y))
     y = nn.BatchNorm(not train)(nn.Conv(self.out_features, (1, 1), use_bias=False)(y))
     if self.strides == 1 and self.in_features == self.out_features:
@@ -69,16 +71,17 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-  settings: Sequence[tuple[int, int, int, int]] = ((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2))
+  # (expand, channels, blocks, stride, depthwise kernel)
+  settings: Sequence[tuple[int, ...]] = ((1, 8, 1, 1, 3), (4, 12, 2, 2, 3), (4, 16, 2, 2, 5))
   num_classes: int = 10
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     x = nn.relu6(nn.BatchNorm(not train)(nn.Conv(8, (3, 3), use_bias=False)(x)))
     cin = 8
-    for t, c, n, s in self.settings:
+    for t, c, n, s, k in self.settings:
       for i in range(n):
-        x = InvertedResidual(cin, c, t, s if i == 0 else 1)(x, train)
+        x = InvertedResidual(cin, c, t, s if i == 0 else 1, k)(x, train)
         cin = c
     x = nn.relu6(nn.BatchNorm(not train)(nn.Conv(32, (1, 1), use_bias=False)(x)))
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))

@@ -110,6 +110,8 @@ def describe(supernet: ElasticNet) -> str:
   for i, group in enumerate(plan.groups):
     where = (f"width[{elastic.index(i)}]" if i in elastic else f"fixed: {group.fixed_by}")
     lines.append(f"{i:>5}  {group.size:>8}  {where:<28}  {', '.join(group.producers)}")
+  for j, (i, sizes) in enumerate(zip(supernet.kernel_layers(), supernet.kernel_values())):
+    lines.append(f"kernel[{j}]: {path_text(plan.layers[i].path)} (sizes {sizes})")
   for b, path in enumerate(plan.blocks):
     lines.append(f"block keep[{b}]: {path_text(path)}")
   return "\n".join(lines)

@@ -8,6 +8,11 @@ consuming conv / dense layer's input rows for that group, summed over those laye
 outputs and biases, BatchNorm vectors and statistics, depthwise kernels, and the consumers'
 kernel inputs (also where the group is one segment of a concatenation, or repeated by a
 flatten). The full network computes the same function afterwards.
+
+``rank_by="filters"`` ranks by the producers' own weights instead (the L1 norm of each output
+filter, summed over the group's producing convs / dense layers): the criterion of magnitude
+filter pruning (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017), used by
+``bench/bench_elasticize.py`` as the baseline.
 """
 
 from __future__ import annotations
@@ -35,20 +40,34 @@ def _reads(layer) -> bool:
   return layer.kind in ("conv", "conv_transpose", "dense") and not layer.depthwise
 
 
-def channel_orders(model: ElasticNet, variables: Mapping) -> list[Move]:
+RANKINGS = ("consumers", "filters")
+
+
+def group_importance(model: ElasticNet, params: Mapping, group: int, rank_by: str) -> np.ndarray:
+  """[channels] L1 importance of one group's channels (see the module docstring)."""
+  if rank_by not in RANKINGS:
+    raise ValueError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
+  size = model.plan().groups[group].size
+  importance = np.zeros(size, np.float32)
+  for layer in model.plan().layers:
+    if not _reads(layer):
+      continue
+    label, axis = (layer.in_label, -2) if rank_by == "consumers" else (layer.out_label, -1)
+    l1 = l1_importance(_at(params, layer.path)["kernel"], axis)
+    for o in _offsets(label, group):
+      importance += l1[o:o + size]
+  return importance
+
+
+def channel_orders(model: ElasticNet, variables: Mapping, rank_by: str = "consumers"
+                   ) -> list[Move]:
   """One Move per (layer, axis) that a sorted group touches; apply with ``permute``."""
   plan = model.plan()
   params = variables["params"][NET]
   moves = []
   for g in model.elastic_groups():
     size = plan.groups[g].size
-    importance = np.zeros(size, np.float32)
-    for layer in plan.layers:
-      if _reads(layer):
-        rows = l1_importance(_at(params, layer.path)["kernel"], -2)
-        for o in _offsets(layer.in_label, g):
-          importance += rows[o:o + size]
-    order = descending_order(importance)
+    order = descending_order(group_importance(model, params, g, rank_by))
     for layer in plan.layers:
       width = sum(s for _, s in layer.out_label)
       sites = [((NET,) + layer.path + (name,), -1) for name in _vectors(layer)]
@@ -82,9 +101,9 @@ def _at(tree, path):
   return tree
 
 
-def sort_channels(model: ElasticNet, variables: Mapping) -> dict:
+def sort_channels(model: ElasticNet, variables: Mapping, rank_by: str = "consumers") -> dict:
   """``variables`` with every elastic group's channels in descending importance."""
-  moves = channel_orders(model, variables)
+  moves = channel_orders(model, variables, rank_by)
   return {name: permute(_leaves_only(tree), moves) for name, tree in variables.items()}
 
 

@@ -100,6 +100,7 @@ class ElasticNet(nn.Module):
   divisor: int = 1
   skippable: Any = ()           # module paths ("layer1/block0"), or fn(path, module) -> bool
   frozen: tuple[str, ...] = ()  # layer paths whose output width stays fixed
+  kernels: bool = True          # elastic kernel size (centre crop) for convs above 3x3
   execution: str = "masked"
   executions: ClassVar[tuple[str, ...]] = ("masked",)
 
@@ -147,13 +148,24 @@ class ElasticNet(nn.Module):
       out.append(tuple(sorted(values)))
     return tuple(out)
 
+  def kernel_layers(self) -> tuple[int, ...]:
+    """Indices (into ``plan().layers``) of the convs arch["kernel"] sizes, in its order."""
+    if not self.kernels:
+      return ()
+    return tuple(i for i, layer in enumerate(self.plan().layers) if layer.croppable)
+
+  def kernel_values(self) -> tuple[tuple[int, ...], ...]:
+    """Per arch["kernel"] position, its sizes: every odd size from 3 to the conv's own."""
+    layers = self.plan().layers
+    return tuple(tuple(range(3, layers[i].kernel_size[0] + 1, 2)) for i in self.kernel_layers())
+
   def search_space(self) -> SearchSpace:
-    per_group = self.group_values()
     leaves, allowed = [], {}
-    if per_group:
-      values = tuple(sorted(set().union(*per_group)))
-      leaves.append(Leaf("width", (len(per_group),), values))
-      allowed["width"] = np.array([[v in group for v in values] for group in per_group], bool)
+    for name, per_position in (("width", self.group_values()), ("kernel", self.kernel_values())):
+      if per_position:
+        values = tuple(sorted(set().union(*per_position)))
+        leaves.append(Leaf(name, (len(per_position),), values))
+        allowed[name] = np.array([[v in p for v in values] for p in per_position], bool)
     blocks = self.plan().blocks
     if blocks:
       leaves.append(Leaf("keep", (len(blocks),), (0, 1)))
@@ -182,34 +194,40 @@ class ElasticNet(nn.Module):
     plan = self.plan(x.shape[1])   # a flatten's repeats depend on the resolution
     widths = self.group_widths(arch)
     keep = arch.get("keep", jnp.ones((len(plan.blocks),), jnp.int32))
-    interceptor = _masking_interceptor(plan, widths, keep)
+    kernels = {plan.layers[i].path: arch["kernel"][j] for j, i in enumerate(self.kernel_layers())}
+    interceptor = _masking_interceptor(plan, widths, keep, kernels)
     with nn.intercept_methods(interceptor):
       return self.net(x, **call_kwargs(self.train_arg, train))
 
   # ------------------------------------------------------------------ dense subnet
   def _static(self, arch):
+    """(widths per group, keep per block, kernel size per layer) as Python ints."""
+    plan = self.plan()
     widths = tuple(int(w) for w in self.group_widths(arch, np))
-    keep = tuple(int(k) for k in np.asarray(arch.get("keep", [1] * len(self.plan().blocks))))
-    return widths, keep
+    keep = tuple(int(k) for k in np.asarray(arch.get("keep", [1] * len(plan.blocks))))
+    kernels = [l.kernel_size[0] if l.kernel_size else 1 for l in plan.layers]
+    for j, i in enumerate(self.kernel_layers()):
+      kernels[i] = int(np.asarray(arch["kernel"])[j])
+    return widths, keep, tuple(kernels)
 
   def dense_model(self, arch) -> "DenseTwin":
-    widths, keep = self._static(arch)
-    return DenseTwin(self.net, self.plan(), widths, keep, self.train_arg, self.sample_shape,
-                     self.sample_dtype, parent=None)
+    widths, keep, kernels = self._static(arch)
+    return DenseTwin(self.net, self.plan(), widths, keep, kernels, self.train_arg,
+                     self.sample_shape, self.sample_dtype, parent=None)
 
   def slice_variables(self, variables: dict, arch) -> dict:
     """The dense twin's variables: each layer's kernel, bias and BatchNorm vectors cut to the
     active channels; skipped blocks dropped."""
-    widths, keep = self._static(arch)
+    widths, keep, kernels = self._static(arch)
     plan = self.plan()
     out = jax.tree.map(lambda a: a, _as_dicts(variables))
-    for layer in plan.layers:
+    for layer, kernel in zip(plan.layers, kernels):
       if not all(keep[b] for b in layer.blocks):
         continue
       for collection in out:
         node = _node(out[collection], (NET,) + layer.path)
         if node is not None:
-          _slice_layer(node, layer, widths)
+          _slice_layer(node, layer, widths, kernel)
     for b, path in enumerate(plan.blocks):
       if not keep[b]:
         for collection in out:
@@ -224,23 +242,26 @@ class ElasticNet(nn.Module):
     xp = jnp if traced else np
     widths = self.group_widths(arch, xp)
     keep = arch.get("keep", np.ones((len(plan.blocks),), np.int64))
+    kernel_of = {i: arch["kernel"][j] for j, i in enumerate(self.kernel_layers())}
     macs, params = 0, 0
-    for layer in plan.layers:
+    for i, layer in enumerate(plan.layers):
       live = 1
       for b in layer.blocks:
         live = live * keep[b]
-      m, p = layer_cost(layer, widths)
+      m, p = layer_cost(layer, widths, kernel_of.get(i))
       macs, params = macs + live * m, params + live * p
     return macs, params
 
 
-def layer_cost(layer: Layer, widths):
-  """(MACs, params) of one layer at the active widths (OFA's convention: every kernel tap
-  counts, BatchNorm costs parameters only)."""
+def layer_cost(layer: Layer, widths, kernel=None):
+  """(MACs, params) of one layer at the active widths and (for a croppable conv) ``kernel``
+  size (OFA's convention: every kernel tap counts, BatchNorm costs parameters only)."""
   cin, cout = label_width(layer.in_label, widths), label_width(layer.out_label, widths)
   if layer.kind == "batch_norm":
     return 0, cout * (int(layer.use_scale) + int(layer.use_bias))
   taps = int(np.prod(layer.kernel_size)) if layer.kernel_size else 1
+  if kernel is not None:
+    taps = kernel * kernel
   if layer.depthwise:
     weights = taps * cout
   else:
@@ -270,8 +291,9 @@ def _input_spec(shape, dtype) -> InputSpec:
 # --------------------------------------------------------------------------- interceptors
 
 
-def _masking_interceptor(plan: Plan, widths, keep):
-  """Masks every supported layer's input and output to the arch's widths; gates blocks."""
+def _masking_interceptor(plan: Plan, widths, keep, kernels: dict):
+  """Masks every supported layer's input and output to the arch's widths, zeroes the kernel
+  taps outside a croppable conv's active size (``kernels``: path -> size); gates blocks."""
   layers = {layer.path: layer for layer in plan.layers}
   blocks = {path: i for i, path in enumerate(plan.blocks)}
   open_blocks = []
@@ -296,11 +318,23 @@ def _masking_interceptor(plan: Plan, widths, keep):
     if layer.kind == "batch_norm":
       ran = functools.reduce(jnp.logical_and, [k > 0 for k in open_blocks], jnp.bool_(True))
       y = _masked_batch_norm(next_fun, context.module, x, args, kwargs, (out_mask > 0) & ran)
+    elif path in kernels and not context.module.is_initializing():
+      y = _cropped_conv(context.module, layer.kernel_size[0], kernels[path], x, args, kwargs)
     else:
       y = next_fun(x, *args[1:], **kwargs)
     return y * out_mask.astype(y.dtype)
 
   return interceptor
+
+
+def _cropped_conv(module, full: int, size, x, args, kwargs):
+  """The conv with its kernel's taps outside the centred ``size`` x ``size`` window zeroed."""
+  ring = jnp.abs(jnp.arange(full) - full // 2) <= (size - 1) // 2
+  taps = (ring[:, None] & ring[None, :]).astype(jnp.float32)[:, :, None, None]
+  variables = dict(module.variables)
+  params = dict(variables["params"])
+  params["kernel"] = params["kernel"] * taps.astype(params["kernel"].dtype)
+  return module.clone(parent=None).apply({**variables, "params": params}, x, *args[1:], **kwargs)
 
 
 def _masked_batch_norm(next_fun, module, x, args, kwargs, keep):
@@ -330,10 +364,11 @@ def _masked_batch_norm(next_fun, module, x, args, kwargs, keep):
   return y
 
 
-def _dense_interceptor(plan: Plan, widths, keep, called: set):
+def _dense_interceptor(plan: Plan, widths, keep, kernels, called: set):
   """Runs each resized layer as a clone with its smaller width; skips dropped blocks; records
   the layers it ran in ``called``."""
   layers = {layer.path: layer for layer in plan.layers}
+  kernel_of = {layer.path: k for layer, k in zip(plan.layers, kernels)}
   blocks = {path: i for i, path in enumerate(plan.blocks)}
 
   def interceptor(next_fun, args, kwargs, context):
@@ -356,6 +391,11 @@ def _dense_interceptor(plan: Plan, widths, keep, called: set):
       fields["features"] = width
       if layer.depthwise:
         fields["feature_group_count"] = width
+    if layer.croppable and kernel_of[path] != layer.kernel_size[0]:
+      k = kernel_of[path]
+      fields["kernel_size"] = (k, k)
+      if context.module.padding != "SAME":   # explicit (k - 1) / 2: keeps the output size
+        fields["padding"] = (k - 1) // 2
     return _run_clone(context.module, fields, args, kwargs) if fields else next_fun(*args, **kwargs)
 
   return interceptor
@@ -375,6 +415,7 @@ class DenseTwin(nn.Module):
   plan_: Plan
   widths: tuple[int, ...]
   keep: tuple[int, ...]
+  kernels: tuple[int, ...]      # per plan layer: its kernel size in this subnet
   train_arg: str
   sample_shape: tuple[int, ...]
   sample_dtype: str = "float32"
@@ -390,7 +431,8 @@ class DenseTwin(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     called = set()
-    with nn.intercept_methods(_dense_interceptor(self.plan_, self.widths, self.keep, called)):
+    with nn.intercept_methods(_dense_interceptor(self.plan_, self.widths, self.keep, self.kernels,
+                                               called)):
       y = self.net(x, **call_kwargs(self.train_arg, train))
     for layer in self.plan_.layers:
       if all(self.keep[b] for b in layer.blocks) and layer.path not in called:
@@ -422,12 +464,16 @@ def _drop(tree: dict, path: Sequence[str]) -> None:
     parent.pop(path[-1], None)
 
 
-def _slice_layer(node: dict, layer: Layer, widths) -> None:
-  """One layer's variables (a params or batch_stats node), cut to the active channels."""
+def _slice_layer(node: dict, layer: Layer, widths, kernel: int) -> None:
+  """One layer's variables (a params or batch_stats node), cut to the active channels (and a
+  croppable conv's kernel to its centred ``kernel`` x ``kernel`` taps)."""
   out_idx = label_index(layer.out_label, widths)
   for name, value in list(node.items()):
     if isinstance(value, dict):
       continue
+    if name == "kernel" and layer.croppable:
+      start = (layer.kernel_size[0] - kernel) // 2
+      value = value[start:start + kernel, start:start + kernel]
     if name == "kernel":
       if layer.depthwise:
         value = value[..., out_idx]

@@ -66,6 +66,7 @@ class Layer(NamedTuple):
   use_scale: bool             # BatchNorm only
   out_positions: int          # output positions per example (H*W, or tokens) at trace time
   blocks: tuple[int, ...]     # indices of the skippable blocks it sits in
+  croppable: bool = False     # a conv whose odd square kernel (> 3) may be centre-cropped
 
 
 class Group(NamedTuple):
@@ -402,6 +403,21 @@ def _is_depthwise(call: _Call) -> bool:
           and module.feature_group_count == call.in_shape[-1] == call.out_shape[-1])
 
 
+def _croppable(call: _Call) -> bool:
+  """A 2-D conv with an odd square kernel above 3x3 whose output size does not depend on the
+  kernel: "SAME" padding, or explicit padding (k - 1) / 2 on every side (rewritten per size)."""
+  m = call.module
+  if call.kind != "conv" or len(m.kernel_size) != 2 or m.kernel_dilation not in (1, (1, 1), None):
+    return False
+  k = m.kernel_size[0]
+  if m.kernel_size[1] != k or k % 2 == 0 or k <= 3:
+    return False
+  pad = m.padding
+  return (pad == "SAME" or pad == (k - 1) // 2
+          or (isinstance(pad, (tuple, list)) and all(tuple(p) == ((k - 1) // 2,) * 2
+                                                    for p in pad)))
+
+
 def _last_axis_untouched(eqn) -> bool:
   in_shape, out_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
   if eqn.primitive.name == "rev":
@@ -533,7 +549,7 @@ def _plan(calls, walk: _Walk, out_label, channels: int) -> Plan:
         call.path, call.kind, root(in_label), root(out_label_), _is_depthwise(call), kernel,
         int(getattr(m, "feature_group_count", 1)), bool(getattr(m, "use_bias", False)),
         bool(getattr(m, "use_scale", False)), int(np.prod(call.out_shape[1:-1], dtype=np.int64)),
-        tuple(block_paths.index(calls[b].path) for b in call.blocks)))
+        tuple(block_paths.index(calls[b].path) for b in call.blocks), _croppable(call)))
   out = root(out_label)
   table = tuple(Group(groups.size[r], tuple(dict.fromkeys(groups.producers[r])), groups.fixed[r])
                 for r in order)
