@@ -14,7 +14,7 @@ from jax.extend import core as jcore
 import ofajax
 from ofajax import bn, cost, export
 from ofajax.elastic import ElasticizeError, describe, sorting
-from ofajax.elastic.supernet import call_kwargs
+from ofajax.elastic.plan import call_kwargs
 from ofajax.models import FAST_COMPILE
 from conftest import rel_err
 from user_models import MODELS
@@ -54,21 +54,14 @@ def _fast_jit(fn, *args):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_largest_is_the_original_and_one_trace_serves_50_archs(name):
-  module, x, user_variables, supernet, space, variables, _ = converted(name)
+  module, x, user_variables, supernet, space, variables, masked = converted(name)
   kwargs = call_kwargs(supernet.train_arg, False)
   original = _fast_jit(lambda v, x: module.apply(v, x, **kwargs), user_variables, x)
-  traces = []
-
-  @jax.jit
-  def forward(v, x, arch):
-    traces.append(1)
-    return supernet.apply(v, x, arch)
-
-  assert rel_err(forward(variables, x, space.largest()), original) <= 1e-6
+  assert rel_err(masked(variables, x, space.largest()), original) <= 1e-6
   archs = jax.vmap(space.sample)(jax.random.split(jax.random.key(3), 50))
   for i in range(50):
-    forward(variables, x, jax.tree.map(lambda a: a[i], archs))
-  assert len(traces) == 1
+    masked(variables, x, jax.tree.map(lambda a: a[i], archs))
+  assert masked._cache_size() == 1
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -155,9 +148,11 @@ def test_groups_follow_residuals_depthwise_concat_and_flatten():
 def test_training_mode_batchnorm_matches_the_dense_subnet_and_calibrates():
   _, x, _, supernet, space, variables, _ = converted("resnet18")
   arch = space.sample(jax.random.key(5))
-  logits, state = supernet.apply(variables, x, arch, train=True, mutable=["batch_stats"])
+  logits, state = _fast_jit(lambda v, x, a: supernet.apply(
+      v, x, a, train=True, mutable=["batch_stats"]), variables, x, arch)
   dense, dense_variables = export.extract_subnet(supernet, variables, arch, space)
-  dense_logits, dense_state = dense.apply(dense_variables, x, train=True, mutable=["batch_stats"])
+  dense_logits, dense_state = _fast_jit(lambda v, x: dense.apply(
+      v, x, train=True, mutable=["batch_stats"]), dense_variables, x)
   assert rel_err(logits, dense_logits) <= 1e-5
   updated = supernet.slice_variables({"params": variables["params"], **state}, arch)
   for a, b in zip(jax.tree.leaves(updated["batch_stats"]),
@@ -238,7 +233,7 @@ X = jnp.ones((1, 8, 8, 2))
 def test_operations_it_cannot_follow_are_named_and_freezing_fixes_them(middle, match):
   with pytest.raises(ElasticizeError, match=match):
     ofajax.elasticize(_Convs(middle), X)
-  supernet, space, _ = ofajax.elasticize(_Convs(middle), X, frozen=("Conv_0",))
+  _, space, _ = ofajax.elasticize(_Convs(middle), X, frozen=("Conv_0",))
   assert space.leaf("width").shape == (1,)   # Conv_1's group stays elastic
 
 
@@ -323,3 +318,18 @@ def test_a_users_cnn_is_elasticized_trained_searched_and_exported(tmp_path, data
   assert row["macs"] <= row["target_macs"]
   served = export.load_stablehlo(f"{row['export_dir']}/model.stablehlo")
   assert served(jnp.zeros((3, 8, 8, 1))).shape == (3, 10)
+
+
+def test_an_nnx_model_is_refused_with_the_reason():
+  from flax import nnx
+
+  class Small(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(2, 8, (3, 3), rngs=rngs)
+      self.head = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jnp.mean(nnx.relu(self.conv(x)), axis=(1, 2)))
+
+  with pytest.raises(ElasticizeError, match="NNX modules .* are not supported"):
+    ofajax.elasticize(nnx.bridge.ToLinen(Small, args=()), X)

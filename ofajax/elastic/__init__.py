@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ofajax.elastic.supernet import NET, DenseTwin, ElasticNet
+from ofajax.elastic.dense import DenseTwin
+from ofajax.elastic.plan import NET, ElasticizeError, input_spec_of, path_text
+from ofajax.elastic.supernet import ElasticNet
+from ofajax.elastic.tracing import as_struct
 from ofajax.models import FAST_COMPILE
-from ofajax.elastic.tracing import ElasticizeError, as_struct, path_text
 
 # Names a user's __call__ may give its train flag ("!" = the flag means "not training").
 TRAIN_ARGS = {"train": "train", "training": "training", "is_training": "is_training",
@@ -62,7 +64,7 @@ def elasticize(module: nn.Module, sample_input, variables=None, *,
                         tuple(float(w) for w in widths), int(divisor),
                         skippable if callable(skippable) else tuple(skippable),
                         tuple(frozen))
-  supernet.input_spec   # NHWC images or token ids, else a clear error before tracing
+  input_spec_of(supernet.sample_shape, supernet.sample_dtype)   # a clear error before tracing
   space = supernet.search_space()
   check_structure(supernet, space)
   init = functools.partial(supernet.init, arch=space.largest())
@@ -132,7 +134,7 @@ def load_factory(factory: str):
   except ImportError as e:
     raise ElasticizeError(f"factory {factory!r}: cannot import {module_name!r} ({e}); is its "
                           "package on PYTHONPATH?") from e
-  fn = getattr(module, attr, None)
+  fn = vars(module).get(attr)
   if not callable(fn):
     raise ElasticizeError(f"factory {factory!r}: {module_name} has no function {attr!r}")
   return fn
@@ -158,7 +160,7 @@ def from_factory(factory: str, factory_options=None, widths=(0.25, 0.5, 0.75, 1.
                         train_arg_of(module) if train_arg is None else train_arg,
                         tuple(float(w) for w in widths), int(divisor), tuple(skippable),
                         tuple(frozen))
-  supernet.input_spec   # NHWC images or token ids, else a clear error before tracing
+  input_spec_of(supernet.sample_shape, supernet.sample_dtype)   # a clear error before tracing
   space = supernet.search_space()
   check_structure(supernet, space)
   return supernet, space

@@ -22,7 +22,8 @@ from typing import Mapping
 import numpy as np
 
 from ofajax.channel_sorting import Move, descending_order, l1_importance, permute
-from ofajax.elastic.supernet import NET, ElasticNet
+from ofajax.elastic.plan import NET
+from ofajax.elastic.supernet import ElasticNet
 
 
 def _offsets(label, group: int) -> list[int]:
@@ -66,7 +67,6 @@ def channel_orders(model: ElasticNet, variables: Mapping, rank_by: str = "consum
   params = variables["params"][NET]
   moves = []
   for g in model.elastic_groups():
-    size = plan.groups[g].size
     order = descending_order(group_importance(model, params, g, rank_by))
     for layer in plan.layers:
       width = sum(s for _, s in layer.out_label)

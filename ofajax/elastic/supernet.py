@@ -1,16 +1,13 @@
-"""A user's Flax module as a supernet: ``ElasticNet`` and its dense twin ``DenseTwin``.
+"""A user's Flax module as a supernet: ``ElasticNet`` (masked execution).
 
-Neither rewrites the user's code. Both run the user's module under ``nn.intercept_methods``:
-
-* ``ElasticNet`` (masked execution) multiplies every supported layer's input and output by its
-  groups' prefix masks, so channels beyond a group's active width are zero wherever a layer
-  reads them; a skipped block returns its input. BatchNorm normalises with the active channels'
-  batch statistics (per channel, so zeros elsewhere change nothing), updates only the running
-  statistics of active channels in blocks that ran, and sows the batch moments that
-  ``ofajax.bn.calibrate_bn`` averages, exactly as the built-in supernets do.
-* ``DenseTwin`` runs each layer whose width changes as a clone of that layer with the smaller
-  ``features`` (Flax's own code, so every option of the layer keeps its meaning) on variables
-  sliced by :meth:`ElasticNet.slice_variables`; skipped blocks are not called at all.
+It runs the user's module under ``nn.intercept_methods`` without rewriting it: every supported
+layer's input and output are multiplied by their groups' prefix masks, so channels beyond a
+group's active width are zero wherever a layer reads them; a croppable conv's taps outside the
+active kernel are zeroed; a skipped block returns its input. BatchNorm normalises with the
+active channels' batch statistics (per channel, so zeros elsewhere change nothing), updates only
+the running statistics of active channels in blocks that ran, and sows the batch moments that
+``ofajax.bn.calibrate_bn`` averages, as the built-in supernets do. Its dense twin is
+:class:`ofajax.elastic.dense.DenseTwin`.
 
 The user's variables sit under ``"net"``: ``{"params": {"net": user_params}, ...}``.
 """
@@ -18,74 +15,19 @@ The user's variables sit under ``"net"``: ``{"params": {"net": user_params}, ...
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ofajax.elastic.tracing import ElasticizeError, Layer, Plan, layer_kind, path_text, trace
+from ofajax.elastic import dense as dense_lib
+from ofajax.elastic.plan import (ElasticizeError, Layer, Plan, call_kwargs, input_spec_of,
+                                 label_mask, label_width, relative_path)
+from ofajax.elastic.tracing import trace
 from ofajax.models.base import InputSpec, check_execution
 from ofajax.space import Leaf, SearchSpace
-
-NET = "net"   # the user's module's name inside the supernet (and its variables' top key)
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def call_kwargs(train_arg: str, train: bool) -> dict:
-  """How the user's module hears the train flag: ``"train"`` -> train=..., ``"!deterministic"``
-  -> deterministic=not train, ``""`` -> nothing."""
-  if not train_arg:
-    return {}
-  if train_arg.startswith("!"):
-    return {train_arg[1:]: not train}
-  return {train_arg: train}
-
-
-def _relative_path(module) -> tuple[str, ...] | None:
-  """The module's path inside the user's model, None for anything outside it (the supernet
-  itself, or a layer clone run on its own)."""
-  if module.scope is None:
-    return None
-  path = tuple(str(p) for p in module.scope.path)
-  return path[1:] if path[:1] == (NET,) else None
-
-
-def label_width(label, widths):
-  """Active channels of a label (a sum over its segments' groups)."""
-  return sum(widths[g] for g, _ in label)
-
-
-def label_mask(label, widths) -> jax.Array:
-  """[C] float mask: 1 on each segment's first ``widths[group]`` channels."""
-  return jnp.concatenate([(jnp.arange(size) < widths[g]).astype(jnp.float32)
-                          for g, size in label])
-
-
-def label_index(label, widths) -> np.ndarray:
-  """The positions a dense subnet keeps along a label: each segment's active prefix."""
-  out, offset = [], 0
-  for g, size in label:
-    out.append(offset + np.arange(int(widths[g])))
-    offset += size
-  return np.concatenate(out).astype(np.int64)
-
-
-def _run_clone(module, fields: dict, args, kwargs):
-  """``module`` called as a clone with ``fields`` changed, on the variables it holds (sliced to
-  the clone's shapes by the caller); at init, the clone's variables are created in place."""
-  clone = module.clone(parent=None, **fields)
-  if module.is_initializing():
-    y, variables = clone.init_with_output({"params": module.make_rng("params")}, *args, **kwargs)
-    for collection, tree in variables.items():
-      for name, value in tree.items():
-        module.put_variable(collection, name, value)
-    return y
-  return clone.apply(dict(module.variables), *args, **kwargs)
-
 
 # --------------------------------------------------------------------------- the supernet
 
@@ -123,7 +65,7 @@ class ElasticNet(nn.Module):
 
   @property
   def input_spec(self) -> InputSpec:
-    return _input_spec(self.sample_shape, self.sample_dtype)
+    return input_spec_of(self.sample_shape, self.sample_dtype)
 
   def elastic_groups(self) -> tuple[int, ...]:
     """Indices (into ``plan().groups``) of the groups arch["width"] sets, in its order."""
@@ -210,29 +152,15 @@ class ElasticNet(nn.Module):
       kernels[i] = int(np.asarray(arch["kernel"])[j])
     return widths, keep, tuple(kernels)
 
-  def dense_model(self, arch) -> "DenseTwin":
+  def dense_model(self, arch) -> dense_lib.DenseTwin:
     widths, keep, kernels = self._static(arch)
-    return DenseTwin(self.net, self.plan(), widths, keep, kernels, self.train_arg,
+    return dense_lib.DenseTwin(self.net, self.plan(), widths, keep, kernels, self.train_arg,
                      self.sample_shape, self.sample_dtype, parent=None)
 
   def slice_variables(self, variables: dict, arch) -> dict:
     """The dense twin's variables: each layer's kernel, bias and BatchNorm vectors cut to the
     active channels; skipped blocks dropped."""
-    widths, keep, kernels = self._static(arch)
-    plan = self.plan()
-    out = jax.tree.map(lambda a: a, _as_dicts(variables))
-    for layer, kernel in zip(plan.layers, kernels):
-      if not all(keep[b] for b in layer.blocks):
-        continue
-      for collection in out:
-        node = _node(out[collection], (NET,) + layer.path)
-        if node is not None:
-          _slice_layer(node, layer, widths, kernel)
-    for b, path in enumerate(plan.blocks):
-      if not keep[b]:
-        for collection in out:
-          _drop(out[collection], (NET,) + path)
-    return out
+    return dense_lib.slice_variables(self.plan(), variables, *self._static(arch))
 
   # ------------------------------------------------------------------ cost
   def cost(self, arch, resolution: int):
@@ -279,16 +207,7 @@ def _hashable(skippable):
   return skippable if callable(skippable) else tuple(skippable or ())
 
 
-def _input_spec(shape, dtype) -> InputSpec:
-  if jnp.issubdtype(jnp.dtype(dtype), jnp.integer) and len(shape) == 2:
-    return InputSpec("tokens", vocab_size=0)
-  if len(shape) == 4:
-    return InputSpec("image", channels=int(shape[-1]))
-  raise ElasticizeError(f"sample_input has shape {tuple(shape)}; elasticize takes NHWC images "
-                        "[B, H, W, C] (or int token ids [B, T])")
-
-
-# --------------------------------------------------------------------------- interceptors
+# --------------------------------------------------------------------------- masking
 
 
 def _masking_interceptor(plan: Plan, widths, keep, kernels: dict):
@@ -299,7 +218,7 @@ def _masking_interceptor(plan: Plan, widths, keep, kernels: dict):
   open_blocks = []
 
   def interceptor(next_fun, args, kwargs, context):
-    path = _relative_path(context.module) if context.method_name == "__call__" else None
+    path = relative_path(context.module) if context.method_name == "__call__" else None
     if path is None or not args:
       return next_fun(*args, **kwargs)
     if path in blocks:
@@ -362,123 +281,3 @@ def _masked_batch_norm(next_fun, module, x, args, kwargs, keep):
   module.sow("bn_moments", "mean", jnp.where(keep, mean, old["mean"]))
   module.sow("bn_moments", "var", jnp.where(keep, var, old["var"]))
   return y
-
-
-def _dense_interceptor(plan: Plan, widths, keep, kernels, called: set):
-  """Runs each resized layer as a clone with its smaller width; skips dropped blocks; records
-  the layers it ran in ``called``."""
-  layers = {layer.path: layer for layer in plan.layers}
-  kernel_of = {layer.path: k for layer, k in zip(plan.layers, kernels)}
-  blocks = {path: i for i, path in enumerate(plan.blocks)}
-
-  def interceptor(next_fun, args, kwargs, context):
-    path = _relative_path(context.module) if context.method_name == "__call__" else None
-    if path is None or not args:
-      return next_fun(*args, **kwargs)
-    if path in blocks and not keep[blocks[path]]:
-      return args[0]
-    layer = layers.get(path)
-    if layer is None:
-      if layer_kind(context.module) not in (None, "opaque"):
-        raise _structure_error(path, "runs in this subnet but not in the full network")
-      return next_fun(*args, **kwargs)
-    called.add(path)
-    if layer.kind == "batch_norm":
-      return next_fun(*args, **kwargs)
-    fields = {}
-    width = label_width(layer.out_label, widths)
-    if width != context.module.features:
-      fields["features"] = width
-      if layer.depthwise:
-        fields["feature_group_count"] = width
-    if layer.croppable and kernel_of[path] != layer.kernel_size[0]:
-      k = kernel_of[path]
-      fields["kernel_size"] = (k, k)
-      if context.module.padding != "SAME":   # explicit (k - 1) / 2: keeps the output size
-        fields["padding"] = (k - 1) // 2
-    return _run_clone(context.module, fields, args, kwargs) if fields else next_fun(*args, **kwargs)
-
-  return interceptor
-
-
-def _structure_error(path, what: str) -> ElasticizeError:
-  return ElasticizeError(
-      f"layer {path_text(path)} {what}: the model decides its structure from channel counts "
-      "(e.g. `if x.shape[-1] != self.features:` adds a projection). A subnet changes those "
-      "counts, so decide from the module's fields (strides, configured features) instead")
-
-
-class DenseTwin(nn.Module):
-  """A subnet of an :class:`ElasticNet` with static shapes: the user's module, its resized
-  layers run at their active widths. ``apply(variables, x, train=False)``."""
-  net: nn.Module
-  plan_: Plan
-  widths: tuple[int, ...]
-  keep: tuple[int, ...]
-  kernels: tuple[int, ...]      # per plan layer: its kernel size in this subnet
-  train_arg: str
-  sample_shape: tuple[int, ...]
-  sample_dtype: str = "float32"
-
-  @property
-  def num_classes(self) -> int:
-    return self.plan_.num_classes
-
-  @property
-  def input_spec(self) -> InputSpec:
-    return _input_spec(self.sample_shape, self.sample_dtype)
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    called = set()
-    with nn.intercept_methods(_dense_interceptor(self.plan_, self.widths, self.keep, self.kernels,
-                                               called)):
-      y = self.net(x, **call_kwargs(self.train_arg, train))
-    for layer in self.plan_.layers:
-      if all(self.keep[b] for b in layer.blocks) and layer.path not in called:
-        raise _structure_error(layer.path, "runs in the full network but not in this subnet")
-    return y
-
-
-# --------------------------------------------------------------------------- variable slicing
-
-
-def _as_dicts(tree):
-  """Nested plain dicts (FrozenDicts and dicts alike) so the slicer can edit in place."""
-  if hasattr(tree, "items"):
-    return {k: _as_dicts(v) for k, v in tree.items()}
-  return tree
-
-
-def _node(tree: dict, path: Sequence[str]):
-  for name in path:
-    if not isinstance(tree, dict) or name not in tree:
-      return None
-    tree = tree[name]
-  return tree
-
-
-def _drop(tree: dict, path: Sequence[str]) -> None:
-  parent = _node(tree, path[:-1])
-  if parent is not None:
-    parent.pop(path[-1], None)
-
-
-def _slice_layer(node: dict, layer: Layer, widths, kernel: int) -> None:
-  """One layer's variables (a params or batch_stats node), cut to the active channels (and a
-  croppable conv's kernel to its centred ``kernel`` x ``kernel`` taps)."""
-  out_idx = label_index(layer.out_label, widths)
-  for name, value in list(node.items()):
-    if isinstance(value, dict):
-      continue
-    if name == "kernel" and layer.croppable:
-      start = (layer.kernel_size[0] - kernel) // 2
-      value = value[start:start + kernel, start:start + kernel]
-    if name == "kernel":
-      if layer.depthwise:
-        value = value[..., out_idx]
-      else:
-        value = jnp.take(value, label_index(layer.in_label, widths), axis=-2)[..., out_idx]
-    else:   # bias, BatchNorm's scale / bias / mean / var: one entry per output channel
-      value = value[..., out_idx]
-    node[name] = value
