@@ -50,7 +50,7 @@ class PlainCNN(nn.Module):
   def __call__(self, x, train: bool = False):
     for features, stride in ((32, 1), (64, 2), (64, 2)):
       x = nn.Conv(features, (3, 3), stride, use_bias=False)(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
     x = nn.relu(nn.Dense(64)(jnp.mean(x, axis=(1, 2))))
     return nn.Dense(10)(x)
 
@@ -174,9 +174,9 @@ def main(args):
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--pretrain_epochs", type=float, default=6)
-  parser.add_argument("--epochs", type=float, default=6, help="elastic training epochs")
-  parser.add_argument("--finetune_epochs", type=float, default=6,
+  parser.add_argument("--pretrain_epochs", type=float, default=15)
+  parser.add_argument("--epochs", type=float, default=10, help="elastic training epochs")
+  parser.add_argument("--finetune_epochs", type=float, default=10,
                       help="the L1-pruned baseline's fine-tuning (as many as elastic training)")
   parser.add_argument("--targets", type=float, nargs="+", default=(0.6, 0.35, 0.2))
   parser.add_argument("--data_dir", default="")
