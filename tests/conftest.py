@@ -4,6 +4,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.extend import core as jcore
 
 # Tests build the same train step / evaluator several times (restarts, bad-input runs); a
 # per-session persistent compilation cache turns the repeats into cache hits.
@@ -56,3 +57,27 @@ def assert_close_trees(a, b, rel):
       jax.tree.map(lambda p, q: float(jnp.max(jnp.abs(p - q))), a, b))
   worst = max(diffs, key=lambda kv: kv[1])
   assert worst[1] <= rel * scale, (jax.tree_util.keystr(worst[0]), worst[1], scale)
+
+
+def conv_and_dot_flops(fn, *args):
+  """XLA cost_analysis flops of every convolution and dot in ``fn``, each compiled alone."""
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+        yield eqn
+      for p in eqn.params.values():
+        if isinstance(p, jcore.ClosedJaxpr):
+          yield from walk(p.jaxpr)
+        elif isinstance(p, jcore.Jaxpr):
+          yield from walk(p)
+  total, seen = 0.0, {}
+  for eqn in walk(jax.make_jaxpr(fn)(*args).jaxpr):
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    # Equal ops (same primitive, shapes and parameters) recur block after block: compile once.
+    key = (eqn.primitive.name, tuple((a.shape, str(a.dtype)) for a in avals), str(eqn.params))
+    if key not in seen:
+      single = jax.jit(lambda *a, e=eqn: e.primitive.bind(*a, **e.params))
+      analysis = single.lower(*avals).compile().cost_analysis()
+      seen[key] = (analysis if isinstance(analysis, dict) else analysis[0])["flops"]
+    total += seen[key]
+  return total

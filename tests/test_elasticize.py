@@ -9,14 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jcore
 
 import ofajax
 from ofajax import bn, cost, export
 from ofajax.elastic import ElasticizeError, describe, sorting
 from ofajax.elastic.plan import call_kwargs
 from ofajax.models import FAST_COMPILE
-from conftest import rel_err
+from conftest import conv_and_dot_flops, rel_err
 from user_models import MODELS
 from test_train import data_dir  # noqa: F401  (a fixture)
 
@@ -76,24 +75,6 @@ def test_dense_subnets_equal_the_masked_supernet_and_count_exactly(name):
     assert cost.count(supernet, arch, x.shape[1])["params"] == exported
 
 
-def _conv_and_dot_flops(fn, *args):
-  """XLA's cost_analysis flops of every convolution and dot in ``fn``, each compiled alone."""
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-        yield eqn
-      for p in eqn.params.values():
-        if isinstance(p, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-          yield from walk(getattr(p, "jaxpr", p))
-  total = 0.0
-  for eqn in walk(jax.make_jaxpr(fn)(*args).jaxpr):
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-    single = jax.jit(lambda *a, e=eqn: e.primitive.bind(*a, **e.params))
-    analysis = single.lower(*avals).compile().cost_analysis()
-    total += (analysis if isinstance(analysis, dict) else analysis[0])["flops"]
-  return total
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_macs_agree_with_xla_cost_analysis(name):
   """XLA counts 2 flops per multiply-add and skips taps that fall on zero padding; the
@@ -101,7 +82,7 @@ def test_macs_agree_with_xla_cost_analysis(name):
   _, x, _, supernet, space, variables, _ = converted(name)
   arch = space.sample(jax.random.key(11))
   dense, dense_variables = export.extract_subnet(supernet, variables, arch, space)
-  xla = _conv_and_dot_flops(lambda v, x: dense.apply(v, x), dense_variables, x[:1]) / 2
+  xla = conv_and_dot_flops(lambda v, x: dense.apply(v, x), dense_variables, x[:1]) / 2
   macs = cost.count(supernet, arch, x.shape[1])["macs"]
   if name == "mlp":
     assert xla == macs
@@ -365,3 +346,30 @@ def test_unrolled_subnet_loop_takes_the_same_step_as_the_scan(data_dir):
   with pytest.raises(ValueError, match="subnet_loop must be one of"):
     config.subnet_loop = "fast"
     training.unroll_subnets(config)
+
+
+def test_kernel_transforms_bake_into_the_dense_subnet():
+  """OFA's transform matrices (identity at start: the largest is still the original model);
+  perturbed, a 3x3 subnet differs from a plain centre crop, and the dense subnet still equals
+  the masked supernet with exact parameter counts."""
+  module, x, user_variables, _, _, _, _ = converted("resnet18")
+  supernet, space, variables = ofajax.elasticize(
+      module, x, user_variables, skippable=MODELS["resnet18"][2], kernel_transforms=True)
+  masked = jax.jit(supernet.apply)
+  original = _fast_jit(lambda v, x: module.apply(v, x, train=False), user_variables, x)
+  assert rel_err(masked(variables, x, space.largest()), original) <= 1e-6
+  rng = np.random.default_rng(4)
+  perturbed = jax.tree.map(lambda a: a + 0.5 * rng.standard_normal(a.shape).astype(np.float32),
+                           variables["params"]["kernel_transforms"])
+  variables = {**variables, "params": {**variables["params"], "kernel_transforms": perturbed}}
+  arch = {**space.to_host(space.smallest()), "kernel": np.asarray([3], np.int32)}
+  plain = {**variables, "params": {k: v for k, v in variables["params"].items()
+                                   if k != "kernel_transforms"}}
+  assert rel_err(masked(variables, x, arch), converted("resnet18")[6](plain, x, arch)) > 1e-4
+  for arch in [arch] + [space.sample(jax.random.key(i)) for i in range(3)]:
+    dense, dense_variables = export.extract_subnet(supernet, variables, arch, space)
+    assert "kernel_transforms" not in dense_variables["params"]
+    logits = _fast_jit(lambda v, x: dense.apply(v, x), dense_variables, x)
+    assert rel_err(logits, masked(variables, x, arch)) <= 1e-5
+    exported = sum(int(np.size(a)) for a in jax.tree.leaves(dense_variables["params"]))
+    assert cost.count(supernet, arch, x.shape[1])["params"] == exported

@@ -5,12 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jcore
 
 import ofajax
 from ofajax import cost, export
 from ofajax.models.mobilenet import count_params, dense_cost
-from conftest import rel_err
+from conftest import conv_and_dot_flops, rel_err
 
 
 @pytest.fixture(scope="module", params=["ofa_mbv3_tiny", "compofa_mbv3_tiny"])
@@ -75,30 +74,6 @@ def test_cost_inside_jit_matches_host():
     assert abs(float(traced["params"][i]) - host["params"]) <= 1e-6 * host["params"]
 
 
-def _conv_and_dot_flops(fn, *args):
-  """XLA cost_analysis flops of every convolution and dot in ``fn``, each compiled alone."""
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-        yield eqn
-      for p in eqn.params.values():
-        if isinstance(p, jcore.ClosedJaxpr):
-          yield from walk(p.jaxpr)
-        elif isinstance(p, jcore.Jaxpr):
-          yield from walk(p)
-  total, seen = 0.0, {}
-  for eqn in walk(jax.make_jaxpr(fn)(*args).jaxpr):
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-    # Equal ops (same primitive, shapes and parameters) recur block after block: compile once.
-    key = (eqn.primitive.name, tuple((a.shape, str(a.dtype)) for a in avals), str(eqn.params))
-    if key not in seen:
-      single = jax.jit(lambda *a, e=eqn: e.primitive.bind(*a, **e.params))
-      analysis = single.lower(*avals).compile().cost_analysis()
-      seen[key] = (analysis if isinstance(analysis, dict) else analysis[0])["flops"]
-    total += seen[key]
-  return total
-
-
 @pytest.mark.parametrize("which", ["largest", "smallest", "random"])
 def test_analytic_macs_agree_with_xla_cost_analysis(which):
   """XLA counts 2 flops per multiply-add and skips taps on the zero padding; OFA counts every tap.
@@ -112,7 +87,7 @@ def test_analytic_macs_agree_with_xla_cost_analysis(which):
   variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
   dense_model, dense_vars = export.extract_subnet(model, variables, arch, space)
   fn = lambda v, x: dense_model.apply(v, x, train=False)
-  xla_flops = _conv_and_dot_flops(fn, dense_vars, x)
+  xla_flops = conv_and_dot_flops(fn, dense_vars, x)
   ofa_macs = cost.count(model, arch, res)["macs"]
   xla_convention = dense_cost(dense_model, res, 3, exclude_padding=True)["macs"]
   assert abs(xla_flops / 2 - xla_convention) <= 0.02 * xla_convention

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ofajax.elastic.dense import DenseTwin
-from ofajax.elastic.plan import NET, ElasticizeError, input_spec_of, path_text
+from ofajax.elastic.plan import NET, TRANSFORMS, ElasticizeError, input_spec_of, path_text
 from ofajax.elastic.supernet import ElasticNet
 from ofajax.elastic.tracing import as_struct
 from ofajax.models import FAST_COMPILE
@@ -41,6 +41,7 @@ def train_arg_of(module: nn.Module) -> str:
 
 def elasticize(module: nn.Module, sample_input, variables=None, *,
                widths=(0.25, 0.5, 0.75, 1.0), divisor: int = 1, skippable=(), frozen=(),
+               kernels: bool = True, kernel_transforms: bool = False,
                train_arg: str | None = None, seed: int = 0):
   """``(supernet, space, variables)`` for a user's ``flax.linen`` module.
 
@@ -55,18 +56,14 @@ def elasticize(module: nn.Module, sample_input, variables=None, *,
       blocks that depth may skip; their output must have their input's shape.
     frozen: layer paths whose output width stays fixed (e.g. a layer feeding an operation
       ofajax cannot follow).
+    kernels: elastic kernel sizes (centre crops) for convs with odd square kernels above 3x3.
+    kernel_transforms: OFA's learned kernel transform matrices between those sizes.
     train_arg: the name of the module's train flag ("!name" when it means "not training");
       found from the signature by default.
   """
   spec = as_struct(sample_input)
-  supernet = ElasticNet(module, tuple(spec.shape), str(spec.dtype),
-                        train_arg_of(module) if train_arg is None else train_arg,
-                        tuple(float(w) for w in widths), int(divisor),
-                        skippable if callable(skippable) else tuple(skippable),
-                        tuple(frozen))
-  input_spec_of(supernet.sample_shape, supernet.sample_dtype)   # a clear error before tracing
-  space = supernet.search_space()
-  check_structure(supernet, space)
+  supernet, space = _build(module, spec, widths, divisor, skippable, frozen, kernels,
+                           kernel_transforms, train_arg)
   init = functools.partial(supernet.init, arch=space.largest())
   if variables is not None:   # only the structure of a fresh init is needed: its shapes
     return supernet, space, wrap_variables(variables, jax.eval_shape(init, jax.random.key(0),
@@ -75,6 +72,20 @@ def elasticize(module: nn.Module, sample_input, variables=None, *,
   fresh = jax.jit(init).lower(jax.random.key(seed), spec).compile(
       compiler_options=FAST_COMPILE)(jax.random.key(seed), jnp.zeros(spec.shape, spec.dtype))
   return supernet, space, {"params": fresh["params"], "batch_stats": fresh.get("batch_stats", {})}
+
+
+def _build(module, spec, widths, divisor, skippable, frozen, kernels, kernel_transforms,
+           train_arg):
+  """(supernet, space), checked: the input kind, then the trace, then the smallest subnet."""
+  input_spec_of(tuple(spec.shape), str(spec.dtype))   # a clear error before tracing
+  supernet = ElasticNet(module, tuple(spec.shape), str(spec.dtype),
+                        train_arg_of(module) if train_arg is None else train_arg,
+                        tuple(float(w) for w in widths), int(divisor),
+                        skippable if callable(skippable) else tuple(skippable), tuple(frozen),
+                        bool(kernels), bool(kernel_transforms))
+  space = supernet.search_space()
+  check_structure(supernet, space)
+  return supernet, space
 
 
 def check_structure(supernet: ElasticNet, space) -> None:
@@ -87,11 +98,15 @@ def check_structure(supernet: ElasticNet, space) -> None:
 
 
 def wrap_variables(user_variables, fresh: dict) -> dict:
-  """The user's variables under the supernet's ``"net"`` key, checked against a fresh init."""
+  """The user's variables under the supernet's ``"net"`` key (with identity kernel transforms
+  if the supernet has them), checked against a fresh init (or its shapes)."""
   wrapped = {"params": {NET: dict(user_variables["params"])},
              "batch_stats": ({NET: dict(user_variables["batch_stats"])}
                              if "batch_stats" in user_variables else {})}
   fresh = {"params": fresh["params"], "batch_stats": fresh.get("batch_stats", {})}
+  if TRANSFORMS in fresh["params"]:   # OFA's kernel transforms start as the identity
+    wrapped["params"][TRANSFORMS] = jax.tree.map(
+        lambda s: jnp.eye(s.shape[0], dtype=jnp.float32), fresh["params"][TRANSFORMS])
   want = jax.tree_util.tree_flatten_with_path(fresh)[0]
   have = dict(jax.tree_util.tree_flatten_with_path(wrapped)[0])
   for key, leaf in want:
@@ -151,19 +166,13 @@ def call_factory(factory: str, factory_options=None):
 
 
 def from_factory(factory: str, factory_options=None, widths=(0.25, 0.5, 0.75, 1.0),
-                 divisor: int = 1, skippable=(), frozen=(), train_arg=None):
+                 divisor: int = 1, skippable=(), frozen=(), kernels=True,
+                 kernel_transforms=False, train_arg=None):
   """``(supernet, space)`` for ``config.model = "elasticize"``: the factory's module made
   elastic (its pretrained variables, if any, come from :func:`factory_variables`)."""
   module, sample, _ = call_factory(factory, factory_options)
-  spec = as_struct(sample)
-  supernet = ElasticNet(module, tuple(spec.shape), str(spec.dtype),
-                        train_arg_of(module) if train_arg is None else train_arg,
-                        tuple(float(w) for w in widths), int(divisor), tuple(skippable),
-                        tuple(frozen))
-  input_spec_of(supernet.sample_shape, supernet.sample_dtype)   # a clear error before tracing
-  space = supernet.search_space()
-  check_structure(supernet, space)
-  return supernet, space
+  return _build(module, as_struct(sample), widths, divisor, skippable, frozen, kernels,
+                kernel_transforms, train_arg)
 
 
 def from_config_options(options: dict):

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from ofajax.elastic.channels import layer_kind
-from ofajax.elastic.plan import (NET, ElasticizeError, Layer, Plan, call_kwargs, input_spec_of,
-                                 label_index, label_width, path_text, relative_path, run_clone)
+from ofajax.elastic.plan import (NET, TRANSFORMS, ElasticizeError, Layer, Plan, call_kwargs,
+                                 input_spec_of, label_index, label_width, path_text,
+                                 relative_path, run_clone)
+from ofajax.layers.cnn import active_depthwise_kernels
 from ofajax.models.base import InputSpec
 
 # --------------------------------------------------------------------------- the dense model
@@ -99,6 +101,21 @@ class DenseTwin(nn.Module):
 
 
 # --------------------------------------------------------------------------- variable slicing
+
+
+def with_transformed_kernels(plan: Plan, variables, kernels, transforms, sizes: dict) -> dict:
+  """``variables`` with each croppable conv's kernel replaced by its active size's transformed
+  kernel, zero-padded to the full size (the slicer's centre crop then reads it), and without
+  the transforms (``sizes``: layer index -> its kernel sizes)."""
+  out = _as_dicts(variables)
+  out["params"] = {k: v for k, v in out["params"].items() if k != TRANSFORMS}
+  for i, choices in sizes.items():
+    layer, k = plan.layers[i], kernels[i]
+    node = _node(out["params"], (NET,) + layer.path)
+    full = layer.kernel_size[0]
+    kernel = active_depthwise_kernels(node["kernel"], choices, transforms[path_text(layer.path)])[k]
+    node["kernel"] = jnp.pad(kernel, [((full - k) // 2,) * 2] * 2 + [(0, 0)] * 2)
+  return out
 
 
 def slice_variables(plan: Plan, variables, widths, keep, kernels) -> dict:

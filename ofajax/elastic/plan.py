@@ -17,6 +17,7 @@ import numpy as np
 from ofajax.models.base import InputSpec
 
 NET = "net"   # the user's module's name inside the supernet (and its variables' top key)
+TRANSFORMS = "kernel_transforms"   # params beside NET: OFA's kernel transforms, if enabled
 
 
 class ElasticizeError(ValueError):

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ofajax.elastic import dense as dense_lib
-from ofajax.elastic.plan import (ElasticizeError, Layer, Plan, call_kwargs, input_spec_of,
-                                 label_mask, label_width, relative_path)
+from ofajax.elastic.plan import (TRANSFORMS, ElasticizeError, Layer, Plan, call_kwargs,
+                                 input_spec_of, label_mask, label_width, path_text, relative_path)
 from ofajax.elastic.tracing import trace
+from ofajax.layers.cnn import active_depthwise_kernels, transform_name
 from ofajax.models.base import InputSpec, check_execution
 from ofajax.space import Leaf, SearchSpace
 
@@ -43,6 +44,10 @@ class ElasticNet(nn.Module):
   skippable: Any = ()           # module paths ("layer1/block0"), or fn(path, module) -> bool
   frozen: tuple[str, ...] = ()  # layer paths whose output width stays fixed
   kernels: bool = True          # elastic kernel size (centre crop) for convs above 3x3
+  # OFA's learned kernel transforms: each smaller size is the next larger one's centre crop
+  # through a k^2 x k^2 matrix shared by the conv's channels (identity at start, so the
+  # converted model starts as plain centre crops). Held in params["kernel_transforms"].
+  kernel_transforms: bool = False
   execution: str = "masked"
   executions: ClassVar[tuple[str, ...]] = ("masked",)
 
@@ -136,10 +141,27 @@ class ElasticNet(nn.Module):
     plan = self.plan(x.shape[1])   # a flatten's repeats depend on the resolution
     widths = self.group_widths(arch)
     keep = arch.get("keep", jnp.ones((len(plan.blocks),), jnp.int32))
-    kernels = {plan.layers[i].path: arch["kernel"][j] for j, i in enumerate(self.kernel_layers())}
+    transforms = self._transforms()
+    kernels = {plan.layers[i].path: (arch["kernel"][j], transforms.get(path_text(
+        plan.layers[i].path))) for j, i in enumerate(self.kernel_layers())}
     interceptor = _masking_interceptor(plan, widths, keep, kernels)
     with nn.intercept_methods(interceptor):
       return self.net(x, **call_kwargs(self.train_arg, train))
+
+  def _transforms(self) -> dict:
+    """{layer path text: {"transform_7to5": [25, 25], ...}} (empty without transforms)."""
+    if not self.kernel_transforms or not self.kernel_layers():
+      return {}
+    layers = self.plan().layers
+
+    def init(_):
+      out = {}
+      for i, sizes in zip(self.kernel_layers(), self.kernel_values()):
+        pairs = zip(sizes[::-1][:-1], sizes[::-1][1:])
+        out[path_text(layers[i].path)] = {transform_name(a, b): jnp.eye(b * b, dtype=jnp.float32)
+                                          for a, b in pairs}
+      return out
+    return self.param(TRANSFORMS, init)
 
   # ------------------------------------------------------------------ dense subnet
   def _static(self, arch):
@@ -160,7 +182,13 @@ class ElasticNet(nn.Module):
   def slice_variables(self, variables: dict, arch) -> dict:
     """The dense twin's variables: each layer's kernel, bias and BatchNorm vectors cut to the
     active channels; skipped blocks dropped."""
-    return dense_lib.slice_variables(self.plan(), variables, *self._static(arch))
+    widths, keep, kernels = self._static(arch)
+    transforms = variables["params"].get(TRANSFORMS)
+    if transforms:   # bake each conv's transformed kernel in; the dense twin has no transforms
+      variables = dense_lib.with_transformed_kernels(
+          self.plan(), variables, kernels, transforms, dict(zip(self.kernel_layers(),
+                                                                self.kernel_values())))
+    return dense_lib.slice_variables(self.plan(), variables, widths, keep, kernels)
 
   # ------------------------------------------------------------------ cost
   def cost(self, arch, resolution: int):
@@ -211,8 +239,9 @@ def _hashable(skippable):
 
 
 def _masking_interceptor(plan: Plan, widths, keep, kernels: dict):
-  """Masks every supported layer's input and output to the arch's widths, zeroes the kernel
-  taps outside a croppable conv's active size (``kernels``: path -> size); gates blocks."""
+  """Masks every supported layer's input and output to the arch's widths, runs a croppable
+  conv at its active size (``kernels``: path -> (size, its transforms or None)); gates
+  blocks."""
   layers = {layer.path: layer for layer in plan.layers}
   blocks = {path: i for i, path in enumerate(plan.blocks)}
   open_blocks = []
@@ -238,7 +267,7 @@ def _masking_interceptor(plan: Plan, widths, keep, kernels: dict):
       ran = functools.reduce(jnp.logical_and, [k > 0 for k in open_blocks], jnp.bool_(True))
       y = _masked_batch_norm(next_fun, context.module, x, args, kwargs, (out_mask > 0) & ran)
     elif path in kernels and not context.module.is_initializing():
-      y = _cropped_conv(context.module, layer.kernel_size[0], kernels[path], x, args, kwargs)
+      y = _cropped_conv(context.module, layer.kernel_size[0], *kernels[path], x, args, kwargs)
     else:
       y = next_fun(x, *args[1:], **kwargs)
     return y * out_mask.astype(y.dtype)
@@ -246,13 +275,16 @@ def _masking_interceptor(plan: Plan, widths, keep, kernels: dict):
   return interceptor
 
 
-def _cropped_conv(module, full: int, size, x, args, kwargs):
-  """The conv with its kernel's taps outside the centred ``size`` x ``size`` window zeroed."""
-  ring = jnp.abs(jnp.arange(full) - full // 2) <= (size - 1) // 2
-  taps = (ring[:, None] & ring[None, :]).astype(jnp.float32)[:, :, None, None]
+def _cropped_conv(module, full: int, size, transforms, x, args, kwargs):
+  """The conv with its ``size`` x ``size`` kernel (a centre crop, through OFA's transforms when
+  given) zero-padded back to ``full``: one program for every size."""
   variables = dict(module.variables)
   params = dict(variables["params"])
-  params["kernel"] = params["kernel"] * taps.astype(params["kernel"].dtype)
+  sizes = tuple(range(3, full + 1, 2))
+  kernels = active_depthwise_kernels(params["kernel"], sizes, transforms)
+  padded = jnp.stack([jnp.pad(kernels[k], [((full - k) // 2,) * 2] * 2 + [(0, 0)] * 2)
+                      for k in sizes])
+  params["kernel"] = padded[jnp.searchsorted(jnp.asarray(sizes), size)]
   return module.clone(parent=None).apply({**variables, "params": params}, x, *args[1:], **kwargs)
 
 
