@@ -13,8 +13,7 @@ from ofajax import bn, cost, export
 from ofajax.models import ofa_resnet50
 from ofajax.models.mobilenet import count_params
 from ofajax.models.resnet import dense_cost
-from conftest import rel_err
-from test_ofa_mbv3 import _conv_and_dot_flops
+from conftest import conv_and_dot_flops, rel_err
 
 
 def random_variables(model, x, seed: int) -> dict:
@@ -117,7 +116,7 @@ def test_analytic_macs_agree_with_xla_cost_analysis():
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, arch))
   variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
   dense_model, dense_vars = export.extract_subnet(model, variables, arch, space)
-  xla_flops = _conv_and_dot_flops(lambda v, x: dense_model.apply(v, x), dense_vars, x)
+  xla_flops = conv_and_dot_flops(lambda v, x: dense_model.apply(v, x), dense_vars, x)
   xla_convention = dense_cost(dense_model, 56, 3, exclude_padding=True)["macs"]
   assert abs(xla_flops / 2 - xla_convention) <= 0.02 * xla_convention
   # On 7x7 and smaller maps a large share of OFA's taps land on padding, which XLA skips.
