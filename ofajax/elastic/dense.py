@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ofajax.elastic.channels import layer_kind
@@ -105,23 +104,22 @@ class DenseTwin(nn.Module):
 
 def with_transformed_kernels(plan: Plan, variables, kernels, transforms, sizes: dict) -> dict:
   """``variables`` with each croppable conv's kernel replaced by its active size's transformed
-  kernel, zero-padded to the full size (the slicer's centre crop then reads it), and without
-  the transforms (``sizes``: layer index -> its kernel sizes)."""
+  kernel (which the slicer then keeps whole), and without the transforms (``sizes``: layer
+  index -> its kernel sizes)."""
   out = _as_dicts(variables)
   out["params"] = {k: v for k, v in out["params"].items() if k != TRANSFORMS}
   for i, choices in sizes.items():
     layer, k = plan.layers[i], kernels[i]
     node = _node(out["params"], (NET,) + layer.path)
-    full = layer.kernel_size[0]
-    kernel = active_depthwise_kernels(node["kernel"], choices, transforms[path_text(layer.path)])[k]
-    node["kernel"] = jnp.pad(kernel, [((full - k) // 2,) * 2] * 2 + [(0, 0)] * 2)
+    node["kernel"] = active_depthwise_kernels(node["kernel"], choices,
+                                              transforms[path_text(layer.path)])[k]
   return out
 
 
 def slice_variables(plan: Plan, variables, widths, keep, kernels) -> dict:
   """The dense twin's variables: each layer's kernel, bias and BatchNorm vectors cut to the
   active channels (croppable kernels to their centred taps); skipped blocks dropped."""
-  out = jax.tree.map(lambda a: a, _as_dicts(variables))
+  out = _as_dicts(variables)   # fresh dicts: the slicing below edits them in place
   for layer, kernel in zip(plan.layers, kernels):
     if not all(keep[b] for b in layer.blocks):
       continue
@@ -164,8 +162,8 @@ def _slice_layer(node: dict, layer: Layer, widths, kernel: int) -> None:
   for name, value in list(node.items()):
     if isinstance(value, dict):
       continue
-    if name == "kernel" and layer.croppable:
-      start = (layer.kernel_size[0] - kernel) // 2
+    if name == "kernel" and layer.croppable:   # a no-op on an already transformed kernel
+      start = (value.shape[0] - kernel) // 2
       value = value[start:start + kernel, start:start + kernel]
     if name == "kernel":
       if layer.depthwise:

@@ -26,7 +26,7 @@ from ofajax.elastic import dense as dense_lib
 from ofajax.elastic.plan import (TRANSFORMS, ElasticizeError, Layer, Plan, call_kwargs,
                                  input_spec_of, label_mask, label_width, path_text, relative_path)
 from ofajax.elastic.tracing import trace
-from ofajax.layers.cnn import active_depthwise_kernels, transform_name
+from ofajax.layers.cnn import padded_choice, transform_name
 from ofajax.models.base import InputSpec, check_execution
 from ofajax.space import Leaf, SearchSpace
 
@@ -142,8 +142,9 @@ class ElasticNet(nn.Module):
     widths = self.group_widths(arch)
     keep = arch.get("keep", jnp.ones((len(plan.blocks),), jnp.int32))
     transforms = self._transforms()
-    kernels = {plan.layers[i].path: (arch["kernel"][j], transforms.get(path_text(
-        plan.layers[i].path))) for j, i in enumerate(self.kernel_layers())}
+    kernels = {plan.layers[i].path: (arch["kernel"][j], sizes, transforms.get(path_text(
+        plan.layers[i].path))) for j, (i, sizes) in enumerate(zip(self.kernel_layers(),
+                                                                 self.kernel_values()))}
     interceptor = _masking_interceptor(plan, widths, keep, kernels)
     with nn.intercept_methods(interceptor):
       return self.net(x, **call_kwargs(self.train_arg, train))
@@ -240,7 +241,7 @@ def _hashable(skippable):
 
 def _masking_interceptor(plan: Plan, widths, keep, kernels: dict):
   """Masks every supported layer's input and output to the arch's widths, runs a croppable
-  conv at its active size (``kernels``: path -> (size, its transforms or None)); gates
+  conv at its active size (``kernels``: path -> (size, sizes, transforms or None)); gates
   blocks."""
   layers = {layer.path: layer for layer in plan.layers}
   blocks = {path: i for i, path in enumerate(plan.blocks)}
@@ -267,7 +268,7 @@ def _masking_interceptor(plan: Plan, widths, keep, kernels: dict):
       ran = functools.reduce(jnp.logical_and, [k > 0 for k in open_blocks], jnp.bool_(True))
       y = _masked_batch_norm(next_fun, context.module, x, args, kwargs, (out_mask > 0) & ran)
     elif path in kernels and not context.module.is_initializing():
-      y = _cropped_conv(context.module, layer.kernel_size[0], *kernels[path], x, args, kwargs)
+      y = _cropped_conv(context.module, *kernels[path], x, args, kwargs)
     else:
       y = next_fun(x, *args[1:], **kwargs)
     return y * out_mask.astype(y.dtype)
@@ -275,16 +276,12 @@ def _masking_interceptor(plan: Plan, widths, keep, kernels: dict):
   return interceptor
 
 
-def _cropped_conv(module, full: int, size, transforms, x, args, kwargs):
+def _cropped_conv(module, size, sizes, transforms, x, args, kwargs):
   """The conv with its ``size`` x ``size`` kernel (a centre crop, through OFA's transforms when
-  given) zero-padded back to ``full``: one program for every size."""
+  given) zero-padded back to the full size: one program for every size."""
   variables = dict(module.variables)
   params = dict(variables["params"])
-  sizes = tuple(range(3, full + 1, 2))
-  kernels = active_depthwise_kernels(params["kernel"], sizes, transforms)
-  padded = jnp.stack([jnp.pad(kernels[k], [((full - k) // 2,) * 2] * 2 + [(0, 0)] * 2)
-                      for k in sizes])
-  params["kernel"] = padded[jnp.searchsorted(jnp.asarray(sizes), size)]
+  params["kernel"], _ = padded_choice(params["kernel"], sizes, transforms, size)
   return module.clone(parent=None).apply({**variables, "params": params}, x, *args[1:], **kwargs)
 
 

@@ -172,6 +172,18 @@ def active_depthwise_kernels(kernel, kernel_choices: Sequence[int], transforms: 
   return out
 
 
+def padded_choice(kernel, kernel_choices: Sequence[int], transforms: dict | None, size):
+  """(the kernel of (traced) ``size`` among :func:`active_depthwise_kernels`, zero-padded back
+  to the largest choice, and its index in the ascending choices): one program for every size."""
+  choices = sorted(kernel_choices)
+  kmax = choices[-1]
+  kernels = active_depthwise_kernels(kernel, choices, transforms)
+  padded = jnp.stack([jnp.pad(kernels[k], [((kmax - k) // 2,) * 2] * 2 + [(0, 0)] * 2)
+                      for k in choices])
+  index = jnp.searchsorted(jnp.asarray(choices), size)
+  return padded[index], index
+
+
 class DepthwiseConv(nn.Module):
   """Dense depthwise conv (kernel [k, k, 1, C], no bias)."""
   kernel_size: int
@@ -211,13 +223,10 @@ class ElasticDepthwiseConv(nn.Module):
     transforms = self._transforms(choices)
     if kernel_size is None or len(choices) == 1:
       return depthwise_conv2d(x, kernel, self.stride, self.impl)
-    kernels = active_depthwise_kernels(kernel, choices, transforms)
-    padded = [jnp.pad(kernels[k], [((kmax - k) // 2,) * 2] * 2 + [(0, 0)] * 2) for k in choices]
-    index = jnp.searchsorted(jnp.asarray(choices), kernel_size)
+    chosen, index = padded_choice(kernel, choices, transforms, kernel_size)
     if self.execution == "active":
-      return depthwise_conv2d_choice(x, jnp.stack(padded)[index], index, choices, self.stride,
-                                     self.impl)
-    return depthwise_conv2d(x, jnp.stack(padded)[index], self.stride, self.impl)
+      return depthwise_conv2d_choice(x, chosen, index, choices, self.stride, self.impl)
+    return depthwise_conv2d(x, chosen, self.stride, self.impl)
 
   def _transforms(self, choices):
     if not self.transform:
