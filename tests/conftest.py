@@ -1,15 +1,71 @@
+import os
 import tempfile
 import zlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 from jax.extend import core as jcore
+
+from configs import default
+from ofajax import data
+from ofajax import train as training
 
 # Tests build the same train step / evaluator several times (restarts, bad-input runs); a
 # per-session persistent compilation cache turns the repeats into cache hits.
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ofajax-xla-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  """The default config shrunk to seconds: digits 8x8, a 2-block-per-stage supernet."""
+  c = default.get_config()
+  c.model_options = ml_collections.ConfigDict({
+      "num_classes": 10, "depth_choices": (1, 2), "kernel_choices": (3, 5),
+      "expand_choices": (2, 3)})
+  c.dataset, c.data_dir, c.resolution, c.augment = "digits", data_dir, 8, "none"
+  c.train_split, c.holdout = "train[:-200]", 200  # 1,237 of the 1,437 training digits
+  # Masked compiles ~3x faster; these tests are about training, not execution (active-size
+  # execution has its own tests: test_active_execution.py and the one-compile test below).
+  c.execution = "masked"
+  c.batch_size = 32
+  c.num_epochs = 60 / 38  # 60 steps of 38 per epoch: enough to learn well above chance
+  c.phases[0].warmup_epochs = 0.0
+  c.log_every_steps = 4
+  c.checkpoint_every_steps = 4
+  c.eval.num_random_subnets = 2
+  c.eval.calib_batches = 2
+  c.eval.calib_batch_size = 32
+  c.eval.batch_size = 120
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  data.ensure_local_dataset("digits", path)
+  return path
+
+
+
+def trained_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  """tiny_config as the shared trained workdir runs it: 360 digits held out (search validates
+  on them in 3 batches of 120, the test split's shape), 60 steps of 33 per epoch."""
+  settings = dict(train_split="train[:-360]", holdout=360, num_epochs=60 / 33,
+                  checkpoint_every_steps=20)
+  return tiny_config(data_dir, **{**settings, **overrides})
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, data_dir):
+  """(workdir, eval records) of the tiny supernet trained once per session to the end of its
+  60 steps, final evaluation included. The end-to-end test checks it; search, resume and
+  distillation tests start from it (copy it before writing into it)."""
+  path = os.path.join(str(tmp_path_factory.mktemp("trained")), "workdir")
+  return path, training.train_and_evaluate(trained_config(data_dir), path)
 
 
 def _seed(path) -> int:

@@ -15,9 +15,8 @@ from ofajax import bn, cost, export
 from ofajax.elastic import ElasticizeError, describe, sorting
 from ofajax.elastic.plan import call_kwargs
 from ofajax.models import FAST_COMPILE
-from conftest import conv_and_dot_flops, rel_err
+from conftest import conv_and_dot_flops, rel_err, tiny_config
 from user_models import MODELS
-from test_train import data_dir  # noqa: F401  (a fixture)
 
 NAMES = sorted(MODELS)
 
@@ -278,7 +277,6 @@ def test_a_users_cnn_is_elasticized_trained_searched_and_exported(tmp_path, data
   from ofajax import train as training
   from ofajax.search.run import run_search
   from test_search import search_config
-  from test_train import tiny_config
 
   weights = str(tmp_path / "digits_cnn.msgpack")
   with open(weights, "wb") as f:
@@ -323,7 +321,6 @@ def test_unrolled_subnet_loop_takes_the_same_step_as_the_scan(data_dir):
   from ofajax import train as training
   from ofajax.phases import Phase
   from ofajax.workdir import build_model, init_state
-  from test_train import tiny_config
 
   config = tiny_config(data_dir, model="elasticize")
   config.model_options = ml_collections.ConfigDict({"factory": "user_models:digits_cnn"})

@@ -15,7 +15,6 @@ import pytest
 
 from configs.search import autoslim, evolution as evolution_config
 from ofajax import cost, evaluation, export, models
-from ofajax import train as training
 from ofajax.search import evolution, moves, pareto
 from ofajax.data.splits import SplitRange, check_disjoint, holdout_split, resolve_split
 from ofajax.search.greedy import greedy_search
@@ -23,19 +22,15 @@ from ofajax.search.latency import LatencyTable
 from ofajax.search.predictor import fit_and_report, kendall_tau
 from ofajax.search.run import no_cheaper_better, run_search, scoring_splits, search_evaluator
 from ofajax.workdir import load_supernet, write_config
-from conftest import rel_err
-from test_train import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
+from conftest import rel_err, tiny_config
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, data_dir):  # noqa: F811
-  """The tiny supernet of test_train after 8 of its 12 steps (same config: the compiled train
-  step is shared through the persistent compilation cache; stopping early skips its final
-  evaluation, which search does not need)."""
-  path = str(tmp_path_factory.mktemp("trained"))
-  # Trains on train[:-360]: search validates on the 360 images held out (its default).
-  training.train_and_evaluate(tiny_config(data_dir, stop_after_steps=8,
-                                          train_split="train[:-360]", holdout=360), path)
+def workdir(tmp_path_factory, trained_workdir):
+  """A copy of the session's trained tiny supernet (60 steps on train[:-360]): search validates
+  on the 360 images it held out (its default)."""
+  path = os.path.join(str(tmp_path_factory.mktemp("search")), "workdir")
+  shutil.copytree(trained_workdir[0], path)
   return path
 
 
@@ -427,7 +422,7 @@ def test_split_arithmetic():
     resolve_split("train[-5000:]", n)
 
 
-def test_search_refuses_validation_that_training_saw(tmp_path, data_dir):  # noqa: F811
+def test_search_refuses_validation_that_training_saw(tmp_path, data_dir):
   """Before any checkpoint is read: only config.json is needed to refuse."""
   train = tiny_config(data_dir, train_split="train", holdout=0)
   workdir = str(tmp_path / "w")

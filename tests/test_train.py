@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,44 +13,13 @@ import numpy as np
 import pytest
 
 from configs import default
+from conftest import tiny_config, trained_config
 from ofajax import data, losses, models
 from ofajax import train as training
 from ofajax.workdir import Checkpoints, abstract_like, build_model, init_state
 from ofajax.phases import Phase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
-  """The default config shrunk to seconds: digits 8x8, a 2-block-per-stage supernet."""
-  c = default.get_config()
-  c.model_options = ml_collections.ConfigDict({
-      "num_classes": 10, "depth_choices": (1, 2), "kernel_choices": (3, 5),
-      "expand_choices": (2, 3)})
-  c.dataset, c.data_dir, c.resolution, c.augment = "digits", data_dir, 8, "none"
-  c.train_split, c.holdout = "train[:-200]", 200  # 1,237 of the 1,437 training digits
-  # Masked compiles ~3x faster; these tests are about training, not execution (active-size
-  # execution has its own tests: test_active_execution.py and the one-compile test below).
-  c.execution = "masked"
-  c.batch_size = 32
-  c.num_epochs = 60 / 38  # 60 steps of 38 per epoch: enough to learn well above chance
-  c.phases[0].warmup_epochs = 0.0
-  c.log_every_steps = 4
-  c.checkpoint_every_steps = 4
-  c.eval.num_random_subnets = 2
-  c.eval.calib_batches = 2
-  c.eval.calib_batch_size = 32
-  c.eval.batch_size = 120
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  data.ensure_local_dataset("digits", path)
-  return path
 
 
 def _restore_params(workdir, config):
@@ -61,10 +31,9 @@ def _restore_params(workdir, config):
   return restored
 
 
-def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir):
-  config = tiny_config(data_dir, checkpoint_every_steps=20)
-  full = str(tmp_path / "full")
-  records = training.train_and_evaluate(config, full)
+def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir, trained_workdir):
+  full, records = trained_workdir  # trained_config run to its end (60 steps), evaluated
+  config = trained_config(data_dir)
   names = [r["name"] for r in records]
   assert names[:2] == ["largest", "smallest"] and len(records) == 4
   for r in records:
@@ -82,8 +51,7 @@ def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir):
 
   # Interrupted after step 6 (a checkpoint is written there), then resumed: bitwise equal.
   parted = str(tmp_path / "parted")
-  assert training.train_and_evaluate(tiny_config(data_dir, stop_after_steps=6,
-                                                 checkpoint_every_steps=20), parted) == []
+  assert training.train_and_evaluate(trained_config(data_dir, stop_after_steps=6), parted) == []
   assert Checkpoints(parted).latest_step() == 6
   assert training.train_loop(training.setup(config, parted))  # the rest; no second evaluation
   a, b = _restore_params(full, config), _restore_params(parted, config)
@@ -92,7 +60,7 @@ def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir):
     np.testing.assert_array_equal(x, y)
 
   # OFA-style: random subnets distilled from an external teacher (the run above, frozen).
-  student = tiny_config(data_dir, distill="teacher", teacher_workdir=full, stop_after_steps=4)
+  student = trained_config(data_dir, distill="teacher", teacher_workdir=full, stop_after_steps=4)
   student.phases[0].sampling = "random"
   training.train_and_evaluate(student, str(tmp_path / "student"))
   lines = [json.loads(l) for l in open(str(tmp_path / "student" / "metrics.jsonl"))]
@@ -146,29 +114,37 @@ def test_inplace_distillation_does_not_flow_into_the_teacher():
   np.testing.assert_allclose(g_self, 0.0, atol=1e-6)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
   workdir = str(tmp_path / "nan")
-  good = tiny_config(data_dir, stop_after_steps=4)
-  training.train_and_evaluate(good, workdir)
+  # The shared run's config: its compiled step is a cache hit (a huge learning rate would be
+  # another program to compile), so the loss is made NaN through the data.
+  training.train_and_evaluate(trained_config(data_dir, stop_after_steps=4), workdir)
   assert Checkpoints(workdir).latest_step() == 4
-  bad = tiny_config(data_dir, learning_rate=1e30)
-  with pytest.raises(FloatingPointError, match="last good checkpoint is step 4"):
-    training.train_and_evaluate(bad, workdir)
+  batches = data.make_train_iterator
+
+  def poisoned(*args, **kwargs):
+    for batch in batches(*args, **kwargs):
+      yield {**batch, "inputs": np.full_like(batch["inputs"], np.nan)}
+
+  monkeypatch.setattr(data, "make_train_iterator", poisoned)
+  with pytest.raises(FloatingPointError, match="at step 8 .*last good checkpoint is step 4"):
+    training.train_and_evaluate(trained_config(data_dir), workdir)
   assert Checkpoints(workdir).latest_step() == 4
 
 
-def test_corrupt_checkpoint_gives_clear_error_and_keeps_older_ones(tmp_path, data_dir):
+def test_corrupt_checkpoint_gives_clear_error_and_keeps_older_ones(tmp_path, data_dir,
+                                                                   trained_workdir):
   workdir = str(tmp_path / "corrupt")
-  training.train_and_evaluate(tiny_config(data_dir, stop_after_steps=8), workdir)
+  shutil.copytree(trained_workdir[0], workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  assert sorted(os.listdir(ckpt_dir))[-2:] == ["4", "8"]
-  for root, _, files in os.walk(os.path.join(ckpt_dir, "8", "state")):
+  assert sorted(os.listdir(ckpt_dir), key=int)[-2:] == ["40", "60"]
+  for root, _, files in os.walk(os.path.join(ckpt_dir, "60", "state")):
     for f in files:
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
   with pytest.raises(ValueError, match="could not be read.*left untouched"):
-    training.train_and_evaluate(tiny_config(data_dir), workdir)
-  assert os.path.isdir(os.path.join(ckpt_dir, "4")) and os.path.isdir(os.path.join(ckpt_dir, "8"))
+    training.train_and_evaluate(trained_config(data_dir), workdir)
+  assert os.path.isdir(os.path.join(ckpt_dir, "40")) and os.path.isdir(os.path.join(ckpt_dir, "60"))
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):

@@ -17,8 +17,7 @@ from ofajax import cost, losses, models
 from ofajax.layers import transformer
 from ofajax import train as training
 from ofajax.search.run import run_search
-from conftest import rel_err
-from test_train import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
+from conftest import rel_err, tiny_config
 
 MODELS = ("elastic_vit_tiny", "elastic_bert_tiny")
 
@@ -137,7 +136,7 @@ def test_hidden_state_distillation_loss():
   np.testing.assert_allclose(g_kl, g_ce, atol=1e-6)
 
 
-def vit_config(data_dir, stage, **overrides):  # noqa: F811
+def vit_config(data_dir, stage, **overrides):
   """A tiny ViT on digits 8x8 in DynaBERT's steps: ``"full"`` trains the full network alone;
   ``"elastic"`` starts from it (re-ordered by importance), then trains width, then width + depth,
   distilled from it (KL on logits + hidden-state + embedding MSE)."""
@@ -165,7 +164,7 @@ def vit_config(data_dir, stage, **overrides):  # noqa: F811
   return c
 
 
-def test_dynabert_steps_train_reorder_distil_evaluate_and_search(tmp_path, data_dir):  # noqa: F811
+def test_dynabert_steps_train_reorder_distil_evaluate_and_search(tmp_path, data_dir):
   full = str(tmp_path / "full")
   training.train_and_evaluate(vit_config(data_dir, "full"), full)
   workdir = str(tmp_path / "elastic")
@@ -199,7 +198,7 @@ def test_dynabert_steps_train_reorder_distil_evaluate_and_search(tmp_path, data_
     training.train_and_evaluate(other, str(tmp_path / "other"))
 
 
-def test_hidden_distillation_needs_a_fixed_teacher(tmp_path, data_dir):  # noqa: F811
+def test_hidden_distillation_needs_a_fixed_teacher(tmp_path, data_dir):
   for distill, match in (("none", "hidden states from a teacher"), ("inplace", "fixed teacher")):
     with pytest.raises(ValueError, match=match):
       training.train_and_evaluate(vit_config(data_dir, "elastic", distill=distill),
