@@ -37,7 +37,7 @@ Layers (each imports only the ones above it; this file re-exports the public nam
   wordpiece  a Hugging Face WordPiece tokenizer (tokenizer.json / vocab.txt) as a vocabulary
   text       tokenizer, Vocabulary and its cache, TextSource, TextReader, text iterators
   pipeline   load / make_train_iterator / make_eval_iterator: dispatch on the spec to images or
-             text
+             text; eval_input, the evaluation input an export records for serving
 """
 
 from ofajax.data.batching import (
@@ -58,13 +58,14 @@ from ofajax.data.builders import (
 )
 from ofajax.data.images import (
     center_crop,
+    eval_preprocess,
     pad_random_crop,
     random_flip,
     random_resized_crop,
     resize,
     transform,
 )
-from ofajax.data.pipeline import load, make_eval_iterator, make_train_iterator
+from ofajax.data.pipeline import eval_input, load, make_eval_iterator, make_train_iterator
 from ofajax.data.registry import (
     AUGMENTATIONS,
     DATASETS,
@@ -120,6 +121,8 @@ __all__ = [
     "check_vocab",
     "default_data_dir",
     "ensure_local_dataset",
+    "eval_input",
+    "eval_preprocess",
     "load",
     "lookup_spec",
     "make_eval_iterator",

@@ -2,7 +2,8 @@
 image train / eval iterators.
 
 The transforms return float32 in the 0..255 range; the reader normalises with the data set's
-mean / std to the INPUTS of a batch: float32 [b, R, R, C].
+mean / std to the INPUTS of a batch: float32 [b, R, R, C]. `eval_input` describes that evaluation
+input as JSON and `eval_preprocess` rebuilds it from one decoded image (serving).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import numpy as np
 
 from ofajax.data import batching
-from ofajax.data.registry import AUGMENTATIONS, DATASETS, DataSpec, spec_for
+from ofajax.data.registry import AUGMENTATIONS, DATASETS, DataSpec, lookup_spec, spec_for
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,6 +119,59 @@ def transform(image: np.ndarray, rng: np.random.Generator | None, *, augment: st
   return resize(image, resolution)
 
 
+def normalize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """Transformed pixels (float32, 0..255) -> the model input: scaled to [0, 1], then
+  standardised per channel with the data set's mean / std (float32 arrays of C values)."""
+  return ((x / 255.0 - mean) / std).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation input contract: what an exported model reads, for serving.
+
+
+def _eval_crop(crop_fraction: float | None, spec) -> float | None:
+  """The evaluation crop: -1 (the default) means 0.875 for variable-size data sets (imagenet2012)
+  and none for fixed-size ones."""
+  if crop_fraction is not None and crop_fraction < 0:
+    return 0.875 if spec is not None and not spec.fixed_size else None
+  return crop_fraction
+
+
+def eval_input(dataset: str, resolution: int) -> dict:
+  """What `make_eval_iterator(source, dataset=dataset, resolution=resolution)` feeds a model,
+  as JSON: exports record it (summary.json "input") so that a server turns a decoded image into
+  the very input the evaluation engine scored (`eval_preprocess`). It reads the same spec and
+  crop default as the iterator's `_setup`, so the two cannot disagree."""
+  spec = lookup_spec(dataset)
+  if not isinstance(spec, DataSpec):
+    raise ValueError(f"{dataset!r} is not a registered image data set; image data sets: "
+                     f"{sorted(k for k, v in DATASETS.items() if isinstance(v, DataSpec))}")
+  return {"kind": "image", "dataset": dataset, "resolution": int(resolution),
+          "channels": spec.channels, "layout": "NHWC", "dtype": "float32",
+          "pixels": "uint8 0..255 (decoded image)",
+          "crop_fraction": _eval_crop(-1.0, spec),
+          "resize": "antialiased bilinear to resolution x resolution when the size differs",
+          "normalize": "(pixels / 255 - mean) / std per channel",
+          "mean": [float(m) for m in spec.mean], "std": [float(s) for s in spec.std]}
+
+
+def eval_preprocess(image: np.ndarray, contract: dict) -> np.ndarray:
+  """One uint8 HWC image -> the float32 [R, R, C] model input that `contract` (`eval_input`)
+  describes, by the same transform and normalisation as the evaluation reader. The image must
+  already have the contract's channels: converting them is the caller's decision."""
+  image = np.asarray(image)
+  image = image[..., None] if image.ndim == 2 else image
+  if image.dtype != np.uint8 or image.ndim != 3:
+    raise ValueError(f"expected a uint8 HWC image, got {image.dtype} {image.shape}")
+  if image.shape[-1] != contract["channels"]:
+    raise ValueError(f"the model reads {contract['channels']}-channel images, got "
+                     f"{image.shape[-1]} channels")
+  x = transform(image, None, augment="none", resolution=contract["resolution"],
+                crop_fraction=contract["crop_fraction"])
+  return normalize(x, np.asarray(contract["mean"], np.float32),
+                   np.asarray(contract["std"], np.float32))
+
+
 # ------------------------------------------------------------------------------------------------
 # Reader.
 
@@ -158,7 +212,7 @@ class ImageReader:
     rng = np.random.default_rng(rng_key) if rng_key is not None else None
     x = transform(image, rng, augment=self.augment, resolution=self.resolution,
                   crop_fraction=self.crop_fraction)
-    return ((x / 255.0 - self.mean) / self.std).astype(np.float32), label
+    return normalize(x, self.mean, self.std), label
 
   def padding(self) -> np.ndarray:
     """A zero image (with the channels of the split's first image)."""
@@ -175,8 +229,7 @@ def _setup(source, dataset, *, resolution, mean, std, in_memory, num_threads, im
   if spec is None and (mean is None or std is None or resolution is None):
     raise ValueError(f"unknown data set {name!r}: pass dataset= (one of {sorted(DATASETS)}) or "
                      "resolution=, mean= and std=")
-  if crop_fraction is not None and crop_fraction < 0:
-    crop_fraction = 0.875 if spec is not None and not spec.fixed_size else None
+  crop_fraction = _eval_crop(crop_fraction, spec)
   p, _, local = batching.process_slice(batch_size, process_index, process_count)
   in_memory, num_threads = batching.read_options(len(source), in_memory, num_threads)
   reader = ImageReader(

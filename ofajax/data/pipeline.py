@@ -103,3 +103,12 @@ def make_eval_iterator(source, *, batch_size: int, resolution: int | None = None
     return text.make_eval_iterator(source, **common, **text_args)
   return images.make_eval_iterator(source, **common, dataset=dataset, crop_fraction=crop_fraction,
                                    mean=mean, std=std, image_key=image_key, label_key=label_key)
+
+
+def eval_input(dataset: str, resolution: int) -> dict:
+  """What evaluation on `dataset` at `resolution` feeds the model, as JSON (an export's
+  summary.json "input"): `images.eval_input` for image data sets; for text ones only the
+  sequence length (the ids depend on the run's vocabulary or tokenizer)."""
+  if isinstance(registry.lookup_spec(dataset), TextSpec):
+    return {"kind": "tokens", "dataset": dataset, "sequence_length": int(resolution)}
+  return images.eval_input(dataset, resolution)

@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ofajax import cost as cost_lib
-from ofajax import evaluation, export, models, reporting
+from ofajax import data, evaluation, export, models, reporting
 from ofajax.data import splits
 from ofajax.progress import ProgressBar
 from ofajax.search import evolution, moves, pareto
@@ -434,7 +434,9 @@ def _export(out_dir: str, label: str, sup: TrainedSupernet, evaluator: evaluatio
     f.write(sup.space.to_json(arch))
   summary = {k: v for k, v in record.items() if k != "arch"}
   summary.update(model=sup.model_name, model_options=model_options(sup.config),
-                 resolution=resolution, name=sup.space.name(arch))
+                 resolution=resolution, name=sup.space.name(arch),
+                 # what the engine fed the model, so serve.py can rebuild it from an image
+                 input=data.eval_input(sup.config.dataset, resolution))
   with open(os.path.join(path, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return path
