@@ -38,6 +38,7 @@ def worker(n: int, batch: int, rounds: int, steps: int, dtype: str) -> dict:
   from ofajax.phases import Phase
 
   config = default.get_config()
+  config.model = "ofa_mbv3_tiny"  # the supernet docs/scaling.md measured
   config.compute_dtype = dtype
   model, space = models.get(config.model, **dict(config.model_options))
   phase = Phase(config.phases[0], 0, space, 1000)

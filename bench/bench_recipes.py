@@ -46,6 +46,7 @@ def _phase(name, epochs, lr, subnets, sampling="random", sort_channels=False, ex
 
 def base_config(data_dir: str):
   c = default.get_config()
+  c.model = "ofa_mbv3_tiny"  # the recipes compare on OFA's space (CompOFA's arm sets its own)
   c.data_dir = data_dir
   return c
 

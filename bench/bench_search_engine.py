@@ -47,6 +47,7 @@ def main():
     train_config, model, space, variables = sup.config, sup.model, sup.space, sup.variables
   else:
     train_config = default.get_config()
+    train_config.model = "ofa_mbv3_tiny"  # the supernet docs/search.md measured
     data.ensure_local_dataset(train_config.dataset, None)
     model, space = models.get(train_config.model, **dict(train_config.model_options))
     variables = models.init(model, jax.random.key(0),

@@ -166,6 +166,7 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
 def model_setup(args):
   """(the default config naming ``args.model``, its model options, resolution, batch)."""
   config = default.get_config()
+  config.model = "ofa_mbv3_tiny"  # without --model: the supernet docs/benchmarks.md measured
   options = dict(config.model_options)
   if args.model and args.model != config.model:
     config.model, options = args.model, {}

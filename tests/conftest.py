@@ -21,6 +21,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   """The default config shrunk to seconds: digits 8x8, a 2-block-per-stage supernet."""
   c = default.get_config()
+  c.model = "ofa_mbv3_tiny"
   c.model_options = ml_collections.ConfigDict({
       "num_classes": 10, "depth_choices": (1, 2), "kernel_choices": (3, 5),
       "expand_choices": (2, 3)})

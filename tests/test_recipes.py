@@ -288,6 +288,7 @@ def test_compofa_starts_from_an_ofa_workdir_and_a_misfit_is_named(tmp_path):
   from configs import default  # pylint: disable=g-import-not-at-top
   tiny = {"num_classes": 10, "execution": "masked"}  # CompOFA's coupling needs D234 / E346
   source = default.get_config()
+  source.model = "ofa_mbv3_tiny"
   source.model_options = ml_collections.ConfigDict(tiny)
   ofa_model, ofa_space = models.get("ofa_mbv3_tiny", **tiny)
   ofa_vars = _random_variables(ofa_model, ofa_space)
@@ -305,6 +306,7 @@ def test_compofa_starts_from_an_ofa_workdir_and_a_misfit_is_named(tmp_path):
                                 ofa_vars["batch_stats"]["stem"]["bn"]["mean"])
 
   wider = default.get_config()
+  wider.model = "ofa_mbv3_tiny"
   wider.model_options = ml_collections.ConfigDict({**tiny, "expand_choices": (3, 4, 8)})
   wider.init_workdir = str(tmp_path / "ofa")
   model, space = models.get(wider.model, **dict(wider.model_options))

@@ -69,6 +69,7 @@ def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir, trai
 
 def test_one_compile_across_three_phases_and_20_steps():
   config = default.get_config()
+  config.model = "ofa_mbv3_tiny"
   # two elastic stages of two blocks (SE in the second): active execution compiles in seconds
   config.model_options = ml_collections.ConfigDict({
       "num_classes": 10, "base_widths": (8, 8, 16, 24, 48, 64), "strides": (1, 2, 2),

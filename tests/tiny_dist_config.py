@@ -16,6 +16,7 @@ from configs import default
 
 def get_config():
   c = default.get_config()
+  c.model = "ofa_mbv3_tiny"
   c.model_options = ml_collections.ConfigDict({
       "num_classes": 10, "base_widths": (8, 8, 16, 32, 32), "strides": (1, 2),
       "acts": ("relu", "relu"), "use_se": (False, False), "depth_choices": (1,),
