@@ -34,7 +34,8 @@ def worker(n: int, batch: int, rounds: int, steps: int, dtype: str) -> dict:
 
   from configs import default
   from ofajax import distributed, models
-  from ofajax import train as training
+  from ofajax import optimizer, train_step
+  from ofajax.workdir import init_state
   from ofajax.phases import Phase
 
   config = default.get_config()
@@ -49,11 +50,11 @@ def worker(n: int, batch: int, rounds: int, steps: int, dtype: str) -> dict:
   host = {"inputs": rng.normal(size=(batch, r, r, model.in_channels)).astype(np.float32),
           "label": (np.arange(batch) % model.num_classes).astype(np.int32)}
   b = distributed.shard_batch(host, mesh, batch)
-  state, tx = training.init_state(model, config, lambda p: training.make_optimizer(
-      config, training.make_schedule([phase]), p), jnp.zeros((1, r, r, model.in_channels)))
+  state, tx = init_state(model, config.seed, lambda p: optimizer.make_optimizer(
+      config, optimizer.make_schedule([phase]), p), jnp.zeros((1, r, r, model.in_channels)))
   state = distributed.replicate(state, mesh)
   phase_data = distributed.replicate(phase.as_data(), mesh)
-  step = training.make_train_step(model, space, config, tx, phase.num_subnets, mesh=mesh)
+  step = train_step.make_train_step(model, space, config, tx, phase.num_subnets, mesh=mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, b["inputs"], b["label"], phase_data, resolution=r).compile()
   compile_s = time.perf_counter() - t0

@@ -33,7 +33,7 @@ import numpy as np
 
 from configs import default
 from ofajax import models
-from ofajax import train as training
+from ofajax import optimizer, train_step
 from ofajax import workdir as workdir_lib
 from ofajax.phases import Phase
 
@@ -41,7 +41,7 @@ STEPS = ("largest", "smallest", "middle", "random", "half", "sandwich4")
 DEFAULT_STEPS = ("largest", "smallest", "sandwich4")
 
 
-def bench_phase(space, num_subnets: int, restrict) -> training.Phase:
+def bench_phase(space, num_subnets: int, restrict) -> Phase:
   return Phase(ml_collections.ConfigDict({
       "name": "bench", "epochs": 1, "learning_rate": 0.01, "num_subnets": num_subnets,
       "sampling": "sandwich" if num_subnets > 1 else "random", "restrict": restrict}), 0, space,
@@ -61,9 +61,9 @@ def build(config, model, space, num_subnets: int, restrict: dict, batch: int, re
   phase = bench_phase(space, num_subnets, restrict)
   x = sample_batch(model, resolution, batch)
   y = jnp.arange(batch) % model.num_classes
-  state, tx = workdir_lib.init_state(model, config.seed, lambda p: training.make_optimizer(
-      config, training.make_schedule([phase]), p), x[:1])
-  step = training.make_train_step(model, space, config, tx, num_subnets)
+  state, tx = workdir_lib.init_state(model, config.seed, lambda p: optimizer.make_optimizer(
+      config, optimizer.make_schedule([phase]), p), x[:1])
+  step = train_step.make_train_step(model, space, config, tx, num_subnets)
   data = phase.as_data()
   t0 = time.perf_counter()
   compiled = step.lower(state, x, y, data, resolution=resolution).compile()

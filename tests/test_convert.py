@@ -15,7 +15,7 @@ import convert_ofa
 import ofa_reference as ref
 import ofajax
 from configs import ofa_pretrained
-from ofajax import cost, train
+from ofajax import cost, optimizer
 from ofajax.workdir import Checkpoints, abstract_like, init_state, load_supernet
 from ofajax.phases import Phase
 from ofajax.convert import net_config, ofa_torch
@@ -296,8 +296,8 @@ def test_cli_writes_a_workdir_train_py_restores(tmp_path, monkeypatch, official)
   monkeypatch.setattr(ofajax.models, "init", lambda m, key, x: jax.tree.map(
       lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(m.init, key, x, space.largest())))
   phases = [Phase(p, i, space, 625) for i, p in enumerate(config.phases)]
-  state, _ = init_state(model, config.seed, lambda p: train.make_optimizer(
-      config, train.make_schedule(phases), p), jnp.zeros((1, 224, 224, 3)))
+  state, _ = init_state(model, config.seed, lambda p: optimizer.make_optimizer(
+      config, optimizer.make_schedule(phases), p), jnp.zeros((1, 224, 224, 3)))
   ckpt = Checkpoints(workdir)
   restored, meta = ckpt.restore(abstract_like(state))
   ckpt.close()

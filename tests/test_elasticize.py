@@ -318,7 +318,7 @@ def test_unrolled_subnet_loop_takes_the_same_step_as_the_scan(data_dir):
   """config.subnet_loop="unrolled" (the CPU default for elasticized models) is a different
   program for the same step: same loss, same parameters after it."""
   import ml_collections
-  from ofajax import train as training
+  from ofajax import optimizer, train_step
   from ofajax.phases import Phase
   from ofajax.workdir import build_model, init_state
 
@@ -331,10 +331,10 @@ def test_unrolled_subnet_loop_takes_the_same_step_as_the_scan(data_dir):
   after = {}
   for loop in ("scan", "unrolled"):
     config.subnet_loop = loop
-    state, tx = init_state(model, 0, lambda p: training.make_optimizer(
-        config, training.make_schedule([phase]), p), x[:1])
+    state, tx = init_state(model, 0, lambda p: optimizer.make_optimizer(
+        config, optimizer.make_schedule([phase]), p), x[:1])
     # A 4th slot beyond the phase's 3 subnets: skipped by the scan, discarded unrolled.
-    step = training.make_train_step(model, space, config, tx, max_subnets=4)
+    step = train_step.make_train_step(model, space, config, tx, max_subnets=4)
     after[loop] = step(state, x, y, phase.as_data(), resolution=8)
   (a, ma), (b, mb) = after["scan"], after["unrolled"]
   assert abs(float(ma["loss"]) - float(mb["loss"])) <= 1e-5
@@ -342,7 +342,7 @@ def test_unrolled_subnet_loop_takes_the_same_step_as_the_scan(data_dir):
     np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="subnet_loop must be one of"):
     config.subnet_loop = "fast"
-    training.unroll_subnets(config)
+    train_step.unroll_subnets(config)
 
 
 def test_kernel_transforms_bake_into_the_dense_subnet():

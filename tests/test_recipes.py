@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from ofajax import losses, models, phases, starting_weights
+from ofajax import optimizer, train_step
 from ofajax import train as training
 
 
@@ -171,7 +172,7 @@ def test_inplace_slots_and_loss_inside_the_step():
   """Slot 0 learns from the labels alone; the others from slot 0's logits alone (US-Nets)."""
   config = ml_collections.ConfigDict({"label_smoothing": 0.0, "kd_weight": 1.0,
                                       "kd_temperature": 1.0, "distill": "inplace"})
-  opts = training.LossOptions.from_config(config)
+  opts = train_step.LossOptions.from_config(config)
 
   def fake_grad_fn(params, batch_stats, arch, inputs, labels, teacher, ce_weight, kd_on,
                    hidden_scale, key):
@@ -184,7 +185,7 @@ def test_inplace_slots_and_loss_inside_the_step():
   phase = {"num_subnets": jnp.int32(3), "hidden_scale": jnp.float32(1.0)}
   archs = {"id": jnp.arange(4)}
   slot = {"logits": jnp.zeros((2, 3))}
-  _, _, total, first = training.accumulate_subnets(
+  _, _, total, first = train_step.accumulate_subnets(
       fake_grad_fn, opts, state, None, None, archs, jax.random.split(jax.random.key(0), 4),
       phase, None, slot)
   # slot 0: 1000 (labels); slots 1, 2: slot 0's logits (10) each; slot 3 is skipped.
@@ -199,9 +200,9 @@ def test_subnet_loss_is_cross_entropy_plus_weighted_distillation():
   teacher = {"logits": jax.random.normal(jax.random.key(2), (4, 2))}
   config = ml_collections.ConfigDict({"label_smoothing": 0.1, "kd_weight": 0.7,
                                       "kd_temperature": 2.0, "distill": "teacher"})
-  opts = training.LossOptions.from_config(config)
+  opts = train_step.LossOptions.from_config(config)
   arch = space.smallest()
-  loss_fn = jax.jit(lambda v, a: training.subnet_loss(
+  loss_fn = jax.jit(lambda v, a: train_step.subnet_loss(
       model, opts, v["params"], v["batch_stats"], a, x, y, teacher, 1.0, 1.0, 1.0,
       jax.random.key(3)))
   loss, ((logits, _), _) = loss_fn(variables, arch)
@@ -235,17 +236,17 @@ def test_fresh_optimizer_state_restarts_momentum_but_not_the_schedule():
 def test_linear_schedule_decays_to_zero_and_depthwise_decay_can_be_off():
   config = _config("us_mobilenet_v2_imagenet")
   space, ps = _phases(config, steps_per_epoch=2)
-  schedule = training.make_schedule(ps, "linear")
+  schedule = optimizer.make_schedule(ps, "linear")
   steps = ps[0].steps
   assert float(schedule(0)) == pytest.approx(0.5)
   assert float(schedule(steps // 2)) == pytest.approx(0.25)
   assert float(schedule(steps)) == pytest.approx(0.0)
   with pytest.raises(ValueError, match="lr_schedule"):
-    training.make_schedule(ps, "step")
+    optimizer.make_schedule(ps, "step")
   params = {"stage0": {"depthwise": {"kernel": 1}, "expand": {"kernel": 1, "bias": 1}}}
-  assert training.decay_mask(params, depthwise=False) == {
+  assert optimizer.decay_mask(params, depthwise=False) == {
       "stage0": {"depthwise": {"kernel": False}, "expand": {"kernel": True, "bias": False}}}
-  assert training.decay_mask(params)["stage0"]["depthwise"]["kernel"] is True
+  assert optimizer.decay_mask(params)["stage0"]["depthwise"]["kernel"] is True
 
 
 def test_dynabert_layer_mapping():

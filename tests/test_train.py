@@ -15,6 +15,7 @@ import pytest
 from configs import default
 from conftest import tiny_config, trained_config
 from ofajax import data, losses, models
+from ofajax import optimizer, train_step
 from ofajax import train as training
 from ofajax.workdir import Checkpoints, abstract_like, build_model, init_state
 from ofajax.phases import Phase
@@ -25,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _restore_params(workdir, config):
   model, space = models.get(config.model, **dict(config.model_options))
   sample = jnp.zeros((1, config.resolution, config.resolution, 1))
-  state, _ = init_state(model, config.seed, lambda p: training.make_optimizer(
-      config, training.make_schedule([Phase(config.phases[0], 0, space, 44)]), p), sample)
+  state, _ = init_state(model, config.seed, lambda p: optimizer.make_optimizer(
+      config, optimizer.make_schedule([Phase(config.phases[0], 0, space, 44)]), p), sample)
   restored, _ = Checkpoints(workdir).restore(abstract_like(state))
   return restored
 
@@ -88,10 +89,10 @@ def test_one_compile_across_three_phases_and_20_steps():
   config.distill = "none"
   x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
   y = jnp.arange(8) % 10
-  schedule = training.make_schedule(phases)
-  state, tx = init_state(model, config.seed, lambda p: training.make_optimizer(
+  schedule = optimizer.make_schedule(phases)
+  state, tx = init_state(model, config.seed, lambda p: optimizer.make_optimizer(
       config, schedule, p), x[:1])
-  step = training.make_train_step(model, space, config, tx, max_subnets=4)
+  step = train_step.make_train_step(model, space, config, tx, max_subnets=4)
   losses_seen = []
   for i in range(20):
     phase = phases[min(i // 7, 2)]

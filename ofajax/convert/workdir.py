@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from ofajax import phases, train
+from ofajax import optimizer, phases
 from ofajax import workdir as workdir_lib
 
 
@@ -35,7 +35,7 @@ def write_workdir(workdir: str, config, variables: dict, meta: dict | None = Non
     # are empty (0 epochs -> 1 step each), so steps_per_epoch=1 gives train.py's count.
     run_phases = [phases.Phase(p, i, space, 1) for i, p in enumerate(config.phases)]
     step = sum(p.steps for p in run_phases)
-    tx = train.make_optimizer(config, train.make_schedule(run_phases), variables["params"])
+    tx = optimizer.make_optimizer(config, optimizer.make_schedule(run_phases), variables["params"])
     _, rng = jax.random.split(jax.random.key(config.seed))  # as workdir.init_state splits it
     state = workdir_lib.new_state(variables, jax.jit(tx.init)(variables["params"]), rng, step)
     workdir_lib.write_config(workdir, config)
