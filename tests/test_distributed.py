@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ofajax import data, distributed, models, precision
+from ofajax import data, distributed, models, optimizer, precision
 from ofajax import train as training
 from ofajax.workdir import Checkpoints, abstract_state
 from ofajax.phases import Phase
@@ -67,7 +67,7 @@ def _restore(workdir, step=None):
   config = tiny_dist_config.get_config()
   model, space = models.get(config.model, **dict(config.model_options))
   phase = Phase(config.phases[0], 0, space, 44)
-  tx_factory = lambda p: training.make_optimizer(config, training.make_schedule([phase]), p)
+  tx_factory = lambda p: optimizer.make_optimizer(config, optimizer.make_schedule([phase]), p)
   sample = jnp.zeros((1, 8, 8, 1))
   target, _ = abstract_state(model, tx_factory, sample,
                              jax.sharding.SingleDeviceSharding(jax.devices()[0]))
