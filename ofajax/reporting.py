@@ -14,7 +14,7 @@ def format_table(records: list[dict], columns: list[tuple[str, str]] | None = No
   """A fixed-width table sorted by MACs. ``columns``: extra (key, header) pairs printed before
   the name, e.g. ``[("target_macs", "target MACs"), ("test_top1", "test top-1")]``; a pair whose
   key is one of the first three columns renames it instead (search's ``("top1", "val top-1")``).
-  Keys ending in ``top1`` print as percentages, ``latency_ms`` with three decimals."""
+  Keys ending in ``top1`` print as percentages, in ``latency_ms`` with three decimals."""
   extra = dict(columns or [])
   columns = [(k, extra.pop(k, h)) for k, h in (("macs", "MACs"), ("params", "params"),
                                                 ("top1", "top-1"))] + list(extra.items())
@@ -23,7 +23,7 @@ def format_table(records: list[dict], columns: list[tuple[str, str]] | None = No
     value = record.get(key)
     if key.endswith("top1"):
       return _percent(value)
-    if key == "latency_ms":
+    if key.endswith("latency_ms"):
       return "-" if value is None else f"{value:.3f}"
     return "-" if value is None else f"{value:,.0f}"
 

@@ -19,6 +19,7 @@ from ofajax.search import evolution, moves, pareto
 from ofajax.data.splits import SplitRange, check_disjoint, holdout_split, resolve_split
 from ofajax.search.greedy import greedy_search
 from ofajax.search.latency import LatencyTable
+from ofajax.search.latency_model import LatencyModel
 from ofajax.search.predictor import fit_and_report, kendall_tau
 from ofajax.search.run import no_cheaper_better, run_search, scoring_splits, search_evaluator
 from ofajax.workdir import load_supernet, write_config
@@ -188,6 +189,39 @@ def test_latency_table_predicts_and_rejects_another_model(tmp_path):
     LatencyTable.load(path, "slim_mobilenet_v2_tiny", other, 28, 2)
   with pytest.raises(KeyError, match="not in the latency table"):
     table.predict(space.to_host(space.largest()))
+
+
+def test_latency_search_builds_the_model_bounds_greedy_and_retimes(workdir):
+  """A latency model built on this device (few archs: a smoke run of the real timing), then
+  reused from its file under a bound the MACs target alone does not meet; the chosen subnets
+  are re-timed whole."""
+  config = search_config(autoslim, target_fractions=(0.9,), export=False, report_test=False)
+  config.latency.update(enabled=True, serving_batch_size=0, num_fit_archs=3, num_check_archs=1,
+                        warmup=1, seconds=0.02, rounds=2)
+  first = run_search(config, workdir)
+  report = first["latency"]
+  assert set(report["batches"]) == {"1"} and report["fit_archs"] == 3
+  assert [c["measured_ms"] > 0 for c in report["batches"]["1"]["checks"]] == [True]
+  row = first["chosen"][0]
+  assert row["latency"]["1"]["predicted_ms"] == row["latency_ms"]
+  assert row["measured_latency_ms"] == row["latency"]["1"]["measured_ms"] > 0
+  sup = load_supernet(workdir)
+  arch = sup.space.to_host(row["arch"])
+  saved = LatencyModel.load(report["file"], sup.model_name, sup.model, 8, (1,))
+  assert saved.predict(arch) == row["latency_ms"]
+  # Known weights (the timed fit on 3 archs may be nearly flat): latency grows with MACs.
+  saved.weights = {1: [0.1, 0.0, 1e-5, 1e-5, 0.0, 0.0]}
+  saved.save(str(os.path.join(workdir, "latency_model.json")))
+  smallest = saved.predict(sup.space.to_host(sup.space.smallest()))
+  bound = (smallest + saved.predict(arch)) / 2
+  config.update(max_latency_ms=bound)
+  config.latency.table = os.path.join(workdir, "latency_model.json")
+  second = run_search(config, workdir)
+  assert second["latency"]["loaded"]
+  chosen = second["chosen"][0]
+  assert chosen["latency_ms"] <= bound < saved.predict(arch)
+  assert chosen["macs"] < row["macs"]  # slimming went on past the MACs target
+  assert chosen["latency"]["1"]["measured_ms"] > 0
 
 
 def test_target_below_the_smallest_subnet_names_it(workdir):

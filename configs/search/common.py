@@ -14,8 +14,9 @@ def base_config(name: str, method: str) -> ml_collections.ConfigDict:
   # is empty). A target below the smallest subnet is an error that names the smallest.
   c.target_macs = ()
   c.target_fractions = (0.75, 0.5, 0.35)
-  c.max_params = 0              # 0: no bound (evolution)
-  c.max_latency_ms = 0.0        # 0: no bound (evolution; needs latency.enabled)
+  c.max_params = 0              # 0: no bound (evolution; greedy slims until within it)
+  c.max_latency_ms = 0.0        # 0: no bound; predicted at latency.batch_size (needs
+                                # latency.enabled)
 
   # Scoring data, carved from the *training* data set (slices as tfds reads them, e.g.
   # "train[-10000:]" for ImageNet as OFA holds out 10k images). The validation split must not
@@ -48,10 +49,28 @@ def base_config(name: str, method: str) -> ml_collections.ConfigDict:
       # once when evolution searches several resolutions; others are rebuilt when needed
       "resident_resolutions": 2})
 
+  # Latency on this device (docs/search.md, Latency). "model": whole dense subnets timed at
+  # batch_size and serving_batch_size, a linear model fitted on arch features
+  # (latency_model.json); "segments": OFA's per-segment table (latency_table.json; far off on
+  # small networks). The chosen subnets are re-timed whole into result.json.
   c.latency = ml_collections.ConfigDict({
-      "enabled": False,         # time segments of the dense subnets on this device
-      "table": "",              # path of a saved latency_table.json to reuse
-      "batch_size": 1, "num_table_archs": 100, "num_check_archs": 20, "warmup": 3,
-      "repeats": 20})
+      "enabled": False,
+      "method": "model",        # "model" | "segments"
+      "table": "",              # path of a saved latency_model.json / latency_table.json
+      "batch_size": 1,          # the batch latency_ms and max_latency_ms refer to
+      "serving_batch_size": 32,  # model: also fitted and reported at this batch (0: none)
+      "num_fit_archs": 32,      # model: archs timed whole to fit it, spread over MACs
+      "num_table_archs": 100,   # segments: random archs whose segments are timed
+      "num_check_archs": 20,    # unseen archs timed whole to report the prediction error
+      "warmup": 3,
+      "repeats": 20,            # segments: timed calls per segment (median)
+      "seconds": 0.3, "rounds": 10,  # model: timing per arch, spread over rounds (10th pct.)
+      "retime_chosen": True})
   c.export = True               # dense subnet per target: orbax variables + StableHLO + arch
+  # "int8": after the float search, re-choose each target's subnet by int8 validation top-1
+  # among its quantize_candidates best measured archs (plus the float choice and smaller
+  # targets' candidates that fit); report int8 val / test top-1 and export
+  # model_int8.stablehlo next to model.stablehlo (docs/deployment.md). "": float only.
+  c.quantize = ""
+  c.quantize_candidates = 4
   return c

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ofajax import layers
-from ofajax.models import FAST_COMPILE
 from ofajax.models.base import Supernet
 from ofajax.models.mobilenet import MobileNet
 
@@ -84,10 +83,22 @@ def time_call(fn, x, warmup: int, repeats: int) -> float:
   return 1e3 * float(np.median(times))
 
 
-def _compiled(module, shape, batch: int, key):
+def random_variables(module, x, seed: int = 0) -> dict:
+  """Variables of ``module``'s shapes at input ``x``, without compiling its init (seconds per
+  subnet): small normal weights, BN variances of one. Timing does not depend on the values."""
+  shapes = jax.eval_shape(lambda k: module.init(k, x, train=False), jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    if "var" in jax.tree_util.keystr(path):
+      return np.ones(leaf.shape, leaf.dtype)
+    return (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+  return jax.device_put(jax.tree.map_with_path(fill, shapes))
+
+
+def _compiled(module, shape, batch: int):
   x = jnp.zeros((batch,) + tuple(shape), jnp.float32)
-  init = jax.jit(lambda k, x: module.init(k, x, train=False))
-  variables = init.lower(key, x).compile(compiler_options=FAST_COMPILE)(key, x)
+  variables = random_variables(module, x)
   fn = jax.jit(lambda x: module.apply(variables, x, train=False))
   return fn.lower(x).compile(), x
 
@@ -108,7 +119,7 @@ class LatencyTable:
   ``predict(arch)`` in milliseconds."""
 
   def __init__(self, model_name: str, model, resolution: int, batch_size: int = 1,
-               warmup: int = 3, repeats: int = 20):
+               warmup: int = 3, repeats: int = 20, timer=None):
     if not isinstance(model, Supernet) or model.input_spec.kind != "image":
       raise ValueError(f"{model_name}: latency tables time the dense subnets of image supernets")
     self.model_name, self.model = model_name, model
@@ -117,6 +128,9 @@ class LatencyTable:
     self.entries: dict[str, float] = {}
     self.overhead_ms: float | None = None
     self.in_channels = model.input_spec.channels
+    # timer(key, module, input shape) -> ms; module None: the no-op that measures the per-call
+    # overhead. Tests inject synthetic timings.
+    self.timer = timer or self._time_segment
 
   def _segments(self, arch):
     dense = self.model.dense_model(arch)
@@ -126,22 +140,28 @@ class LatencyTable:
 
   def measure(self, archs, progress=None) -> int:
     """Times every segment of ``archs`` not yet in the table; returns how many were new."""
-    key = jax.random.key(0)
     if self.overhead_ms is None:
-      x = jnp.zeros((self.batch_size, self.resolution, self.resolution, self.in_channels))
-      noop = jax.jit(lambda x: x[0, 0, 0, 0]).lower(x).compile()
-      self.overhead_ms = time_call(noop, x, self.warmup, self.repeats)
+      shape = (self.resolution, self.resolution, self.in_channels)
+      self.overhead_ms = self.timer("noop", None, shape)
     new = 0
     for arch in archs:
       for name, module, shape in self._segments(arch):
         if name in self.entries:
           continue
-        fn, x = _compiled(module, shape, self.batch_size, key)
-        self.entries[name] = time_call(fn, x, self.warmup, self.repeats)
+        self.entries[name] = self.timer(name, module, shape)
         new += 1
         if progress is not None:
           progress.update(len(self.entries), "timed")
     return new
+
+  def _time_segment(self, name: str, module, shape) -> float:
+    del name
+    if module is None:
+      x = jnp.zeros((self.batch_size,) + tuple(shape))
+      noop = jax.jit(lambda x: x[0, 0, 0, 0]).lower(x).compile()
+      return time_call(noop, x, self.warmup, self.repeats)
+    fn, x = _compiled(module, shape, self.batch_size)
+    return time_call(fn, x, self.warmup, self.repeats)
 
   def predict(self, arch) -> float:
     total = 0.0
@@ -156,7 +176,7 @@ class LatencyTable:
     """The whole dense subnet compiled as one function, timed like the segments."""
     dense = self.model.dense_model(arch)
     shape = (self.resolution, self.resolution, self.in_channels)
-    fn, x = _compiled(dense, shape, self.batch_size, jax.random.key(0))
+    fn, x = _compiled(dense, shape, self.batch_size)
     return time_call(fn, x, self.warmup, self.repeats)
 
   # ------------------------------------------------------------------ JSON

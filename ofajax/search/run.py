@@ -31,9 +31,9 @@ from ofajax import cost as cost_lib
 from ofajax import data, evaluation, export, models, reporting
 from ofajax.data import splits
 from ofajax.progress import ProgressBar
-from ofajax.search import evolution, moves, pareto
+from ofajax.search import evolution, int8, moves, pareto
 from ofajax.search.greedy import greedy_search
-from ofajax.search.latency import LatencyTable
+from ofajax.search import latency_setup
 from ofajax.search.predictor import fit_and_report
 from ofajax.workdir import TrainedSupernet, load_supernet, model_options, read_config
 
@@ -48,14 +48,22 @@ def run_search(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   out_dir = _output_dir(config, workdir)
   resolutions = search_resolutions(config, sup.config)
-  table, latency_report = (_latency(config, sup, out_dir, resolutions[0], is_main)
+  table, latency_report = (latency_setup.build_or_load(config, sup, out_dir, resolutions[0],
+                                                         is_main)
                            if config.latency.enabled else (None, None))
   engine = lambda r: search_evaluator(config, sup, data_splits["valid"], r, data_splits["calib"])
   scorer = Scorer(sup, engine, resolutions, table, config.engine.get("resident_resolutions", 2))
   result = _header(config, sup, scorer, latency_report, data_splits)
   chosen = _run_method(config, scorer, result["targets_macs"], result, is_main)
   chosen = no_cheaper_better(config, scorer, chosen)
+  # --config.quantize=int8: re-choose by int8 validation top-1 (ofajax/search/int8.py)
+  q8 = int8.Int8Scorer(sup, scorer) if config.get("quantize") else None
+  chosen = q8.choose(config, chosen) if q8 else chosen
   rows = _chosen_rows(config, sup, scorer, chosen, out_dir, is_main, data_splits["calib"])
+  if q8:
+    q8.finish(config, rows, is_main)  # int8 test top-1 and model_int8.stablehlo exports
+  if table is not None and config.latency.get("retime_chosen", True):
+    latency_setup.retime_chosen(config, sup, table, chosen, rows)
   result.update(_measured(scorer, rows), seconds=round(time.time() - t_start, 1))
   if is_main:
     _write_results(config, result, out_dir, latency=table is not None)
@@ -76,10 +84,16 @@ def _check_config(config) -> None:
     raise ValueError("set config.target_macs (absolute MACs) or config.target_fractions (of the "
                      "largest subnet's MACs)")
   if config.max_latency_ms and not config.latency.enabled:
-    raise ValueError("config.max_latency_ms needs a latency table: set config.latency.enabled="
+    raise ValueError("config.max_latency_ms needs a latency model: set config.latency.enabled="
                      "True (and config.latency.table to reuse a saved one)")
+  if config.latency.enabled and config.latency.get("method", "model") not in ("model",
+                                                                               "segments"):
+    raise ValueError("config.latency.method must be 'model' (whole-net latency model) or "
+                     f"'segments' (per-segment table), got {config.latency.method!r}")
   if any(not 0 < f <= 1 for f in config.target_fractions):
     raise ValueError(f"config.target_fractions must lie in (0, 1], got {config.target_fractions}")
+  if config.get("quantize"):
+    int8.check_config(config)
 
 
 def _targets(config, largest_macs: int) -> list[float]:
@@ -186,7 +200,7 @@ class Scorer:
   """
 
   def __init__(self, sup: TrainedSupernet, make_evaluator: Callable, resolutions,
-               latency_table: LatencyTable | None = None, resident: int = 2):
+               latency_table=None, resident: int = 2):
     self.space, self.model = sup.space, sup.model
     self.make_evaluator, self.resolutions = make_evaluator, list(resolutions)
     self.resolution = self.resolutions[-1]  # the default: greedy's one, the largest otherwise
@@ -205,7 +219,8 @@ class Scorer:
     return self._evaluators[r]
 
   def cost(self, arch, resolution: int | None = None) -> dict:
-    """{"macs", "params"} at ``resolution`` and, with a latency table, "latency_ms"."""
+    """{"macs", "params"} at ``resolution`` and, with a latency model or table
+    (``latency_table``: anything with ``predict(arch)``), "latency_ms"."""
     r = resolution or self.resolution
     key = (moves.arch_key(arch), r)
     if key not in self._costs:
@@ -273,8 +288,9 @@ def _run_method(config, scorer: Scorer, targets: list[float], result: dict,
 
 def _greedy(config, scorer: Scorer, targets, result: dict, is_main: bool) -> list:
   progress = ProgressBar(None, unit="archs", enabled=is_main)
+  bounds = dict(params=config.max_params or None, latency_ms=config.max_latency_ms or None)
   out = greedy_search(scorer.space, scorer.evaluate, scorer.cost, targets,
-                      config.greedy.granularity, config.greedy.bin_steps, progress)
+                      config.greedy.granularity, config.greedy.bin_steps, progress, bounds)
   progress.close()
   for record in out["path"]:  # AutoSlim slims at one resolution
     record["resolution"] = scorer.resolution
@@ -468,44 +484,10 @@ def _write_results(config, result: dict, out_dir: str, latency: bool) -> None:
       result["evaluated"], front=result["front"], chosen=result["chosen"],
       targets=result["targets_macs"], ylabel="validation top-1 (%)")
   columns = [("target_macs", "target MACs"), ("top1", "val top-1")]
-  columns += [("latency_ms", "lat. ms")] if latency else []
-  print(reporting.format_table(result["chosen"], columns + [("test_top1", "test top-1")]))
+  columns += ([("latency_ms", "pred. ms"), ("measured_latency_ms", "meas. ms")] if latency
+              else [])
+  columns += [("test_top1", "test top-1")]
+  if config.get("quantize"):
+    columns += [("int8_top1", "int8 val"), ("int8_test_top1", "int8 test")]
+  print(reporting.format_table(result["chosen"], columns))
   print(f"results in {out_dir} ({result['seconds']:.0f} s)")
-
-
-# --------------------------------------------------------------------------- latency
-
-
-def _latency(config, sup, out_dir, resolution, is_main):
-  lc = config.latency
-  if lc.table:
-    table = LatencyTable.load(lc.table, sup.model_name, sup.model, resolution, lc.batch_size)
-    return table, {"table": lc.table, "loaded": True, "entries": len(table.entries)}
-  table = LatencyTable(sup.model_name, sup.model, resolution, lc.batch_size, lc.warmup, lc.repeats)
-  rng = np.random.default_rng(config.seed + 7)
-  space = sup.space
-  build = [space.to_host(space.largest()), space.to_host(space.smallest())]
-  build += [space.random_host(rng) for _ in range(lc.num_table_archs)]
-  progress = ProgressBar(None, unit="segments", enabled=is_main)
-  table.measure(build, progress)
-  progress.close()
-  path = os.path.join(out_dir, "latency_table.json")
-  table.save(path)
-  # Prediction error on archs the table was not built from (their segments may be new: timed).
-  checks = []
-  for _ in range(lc.num_check_archs):
-    arch = space.random_host(rng)
-    table.measure([arch])
-    checks.append({"name": space.name(arch), "predicted_ms": table.predict(arch),
-                   "measured_ms": table.measure_direct(arch)})
-  table.save(path)
-  errors = [abs(c["predicted_ms"] - c["measured_ms"]) / c["measured_ms"] for c in checks]
-  report = {"table": path, "loaded": False, "entries": len(table.entries),
-            "overhead_ms": table.overhead_ms, "batch_size": lc.batch_size, "checks": checks,
-            "mean_abs_rel_error": float(np.mean(errors)) if errors else None,
-            "max_abs_rel_error": float(np.max(errors)) if errors else None}
-  if is_main and errors:
-    print(f"latency table: {len(table.entries)} segments; prediction error on "
-          f"{len(errors)} unseen archs: mean {100 * report['mean_abs_rel_error']:.1f}%, "
-          f"max {100 * report['max_abs_rel_error']:.1f}%")
-  return table, report

@@ -1,0 +1,237 @@
+"""int8 subnets (ofajax.quantize, ofajax.search.int8): int8 kernels and ops in the StableHLO
+artifact, a round trip that reproduces the in-process int8 model, int8 top-1 within a stated
+bound of float on the shipped digits, the artifact's per-weight size, bad input, and the
+search's int8 re-choice and export."""
+
+import json
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import qwix
+
+from configs.search import autoslim
+from ofajax import evaluation, export, quantize, serve
+from ofajax.search import int8
+from ofajax.search.run import run_search, search_evaluator
+from ofajax.workdir import load_supernet
+
+RES = 8
+# int8 top-1 may fall this far below float on the 360 test digits: 3 points, 10 images. The
+# session's tiny supernet (8x8 digits, 60 steps) is weak, its largest subnet 55% accurate with
+# small logit margins, so rounding flips more predictions than on the default workdir (where
+# the drop is 0.1-0.4 points, docs/deployment.md). Measured here: 1.7 points (6 images).
+MAX_DROP = 0.03
+
+
+@pytest.fixture(scope="module")
+def setup(trained_workdir, data_dir):
+  """(supernet, engine on the test digits, calibration inputs): the engine has test_search's
+  shapes (1 x 32 calibration images, batches of 120, chunks of 4) so compilations are shared."""
+  sup = load_supernet(trained_workdir[0])  # only reads the workdir
+  config = autoslim.get_config()
+  config.calib_batches, config.calib_batch_size, config.valid_batch_size = 1, 32, 120
+  config.engine.chunk_size = 4
+  engine = search_evaluator(config, sup, "test", RES)
+  calib = evaluation.calibration_inputs("digits", sup.config.train_split, data_dir, 32, 4,
+                                        seed=1, resolution=RES)
+  return sup, engine, calib
+
+
+def _dense(setup, arch):
+  sup, engine, _ = setup
+  arch = sup.space.validate(arch)
+  return export.extract_subnet(sup.model, engine.calibrated_variables(arch), arch, sup.space)
+
+
+@pytest.fixture(scope="module")
+def largest(setup):
+  """(dense model, float variables, Int8Model) of the largest subnet."""
+  sup, _, calib = setup
+  model, variables = _dense(setup, sup.space.largest())
+  return model, variables, quantize.quantize(model, variables, calib)
+
+
+def _test_batches(setup):
+  engine = setup[1]
+  return engine.eval_batches() if callable(engine.eval_batches) else engine.eval_batches
+
+
+def _first_inputs(setup):
+  """The first test batch (120 digits): the shape every compiled function here already has."""
+  return jnp.asarray(next(iter(_test_batches(setup)))["inputs"])
+
+
+def test_int8_round_trip_gives_the_in_process_logits(largest, setup, tmp_path):
+  model, _, qmodel = largest
+  path = str(tmp_path / "int8.stablehlo")
+  exported = quantize.save_stablehlo(qmodel, path, RES)
+  served = export.load_stablehlo(path)  # plain jax.export
+  x = _first_inputs(setup)
+  want = qmodel.logits_fn(x)
+  got = served(x)
+  assert got.shape == want.shape == (120, 10)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                             atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  assert served(x[:3]).shape == (3, 10)  # any batch size
+  # Every conv and dot of a kernel-owning module but the depthwise ones (float ops by default)
+  # runs on int8 operands; every kernel, depthwise too, is an int8 constant.
+  text = exported.mlir_module()
+  ops = re.findall(r"stablehlo\.(convolution|dot_general)[^\n]*?\(tensor<([^>]*)>, "
+                   r"tensor<([^>]*)>\)", text)
+  int8_ops = [op for op in ops if op[1].endswith("xi8") and op[2].endswith("xi8")]
+  params = largest[1]["params"]
+  owners = quantize.kernel_owners(params, depthwise=False)
+  assert len(quantize.kernel_owners(params)) > len(owners)  # the tiny MBv3 has depthwise convs
+  assert len(int8_ops) == len(owners) == len(qmodel.ranges), (len(int8_ops), len(owners))
+  assert len(re.findall(r"stablehlo\.constant dense<[^>]*> : tensor<[^>]*xi8>", text)) == len(
+      quantize.kernel_owners(params))
+
+
+def test_kernels_are_int8_per_channel(largest):
+  _, variables, qmodel = largest
+  flat = dict(jax.tree_util.tree_leaves_with_path(
+      qmodel.variables["params"], is_leaf=lambda v: isinstance(v, qwix.QArray)))
+  floats = dict(jax.tree_util.tree_leaves_with_path(variables["params"]))
+  kernels = [p for p in floats if p[-1].key == "kernel"]
+  assert kernels
+  for path in kernels:
+    q, w = flat[path], np.asarray(floats[path])
+    assert isinstance(q, qwix.QArray) and q.qvalue.dtype == jnp.int8, jax.tree_util.keystr(path)
+    assert q.scale.shape == (1,) * (w.ndim - 1) + (w.shape[-1],)  # one scale per out channel
+    # symmetric absmax: each channel's largest weight is +-127 steps, every weight within half
+    # a step of its float value
+    assert np.all(np.max(np.abs(np.asarray(q.qvalue, np.int32)), axis=tuple(range(w.ndim - 1)))
+                  == 127)
+    assert np.min(np.asarray(q.qvalue)) >= -127  # symmetric: -128 unused
+    step = np.asarray(q.scale)
+    assert np.all(np.abs(np.asarray(qwix.dequantize(q)) - w) <= 0.5 * step + 1e-7)
+    # Qwix's in-graph re-quantization of the dequantized kernel gives back the stored values
+    again = qwix.quantize(qwix.dequantize(q), jnp.int8, channelwise_axes=(w.ndim - 1,),
+                          calibration_method=quantize._WEIGHT_CALIBRATION)
+    np.testing.assert_array_equal(np.asarray(again.qvalue), np.asarray(q.qvalue))
+  # biases and BN stay float32, untouched
+  others = [p for p in floats if p[-1].key != "kernel"]
+  assert others and all(np.array_equal(np.asarray(flat[p]), np.asarray(floats[p]))
+                        for p in others)
+
+
+def test_int8_top1_is_within_the_bound_of_float(largest, setup):
+  model, variables, qmodel = largest
+  sup, engine, _ = setup
+  float_top1 = engine([sup.space.largest()])[0]["top1"]
+  float_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
+  assert int8.top1(float_fn, _test_batches(setup)) == pytest.approx(float_top1, abs=1e-9)
+  int8_top1 = int8.top1(qmodel.logits_fn, _test_batches(setup))
+  assert float_top1 > 0.5  # a trained subnet, not chance (10 classes)
+  assert float_top1 - int8_top1 <= MAX_DROP, (float_top1, int8_top1)
+  same = np.concatenate([(np.argmax(float_fn(b["inputs"]), -1)
+                          == np.argmax(qmodel.logits_fn(b["inputs"]), -1))[np.asarray(b["mask"]) > 0]
+                         for b in _test_batches(setup)])
+  # the same prediction, digit by digit (measured: 92.8%)
+  assert len(same) == 360 and same.mean() >= 0.9, same.mean()
+  # and quantization did change the numbers (not a float model in disguise)
+  x = _first_inputs(setup)
+  assert float(jnp.max(jnp.abs(float_fn(x) - qmodel.logits_fn(x)))) > 1e-3
+
+
+def _bytes(tree) -> int:
+  return sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree))
+
+
+def test_int8_artifact_size(largest, tmp_path):
+  """The issue's target, <= 0.3x the float artifact, is NOT met on these tiny subnets: the int8
+  kernels are 1/4 of the float ones, but the float per-channel parameters (BN, biases, scales)
+  and the program (op list and source locations, larger in int8: quantize / rescale ops) do
+  not shrink (docs/deployment.md has the breakdown). Bounds: measured values plus a margin."""
+  model, variables, qmodel = largest
+  export.save_stablehlo(model, variables, str(tmp_path / "f32"), RES)
+  quantize.save_stablehlo(qmodel, str(tmp_path / "i8"), RES)
+  sizes = {k: os.path.getsize(tmp_path / k) for k in ("f32", "i8")}
+  payload = _bytes(qmodel.variables) / _bytes(variables)
+  kernels = {"float": 0, "int8": 0}
+  for v in jax.tree.leaves(qmodel.variables, is_leaf=lambda v: isinstance(v, qwix.QArray)):
+    if isinstance(v, qwix.QArray):
+      kernels["int8"] += v.qvalue.nbytes
+      kernels["float"] += 4 * v.qvalue.size
+  assert kernels["int8"] == kernels["float"] // 4  # one byte per weight
+  assert payload <= 0.36, (payload, sizes)  # measured 0.33
+  assert sizes["i8"] <= 0.55 * sizes["f32"], sizes  # measured 0.51
+
+
+def test_bad_input_is_named(setup, largest):
+  sup, _, calib = setup
+  model, variables, _ = largest
+  with pytest.raises(ValueError, match="activations must be one of"):
+    quantize.quantize(model, variables, calib, activations="minmax")
+  with pytest.raises(ValueError, match=r"depthwise must be one of \('float', 'int8'\), got 'int4'"):
+    quantize.quantize(model, variables, calib, depthwise="int4")
+  with pytest.raises(ValueError, match="need calib_inputs"):
+    quantize.quantize(model, variables)
+  with pytest.raises(ValueError, match=r"\[num_batches, batch, height, width, channels\].*"
+                                       r"1 channels; got float32 \(32, 8, 8, 1\)"):
+    quantize.quantize(model, variables, calib[0])  # one batch, not a stack of them
+  with pytest.raises(ValueError, match="with 1 channels; got float32 .*3\\)"):
+    quantize.quantize(model, variables, np.repeat(calib, 3, axis=-1))
+  with pytest.raises(ValueError, match="is a supernet: quantize its dense subnet"):
+    quantize.quantize(sup.model, sup.variables, calib)
+  with pytest.raises(ValueError, match="must be a dict with 'params'"):
+    quantize.quantize(model, variables["params"], calib)
+  qmodel = quantize.quantize(model, variables, calib, activations="dynamic")
+  with pytest.raises(ValueError, match="already quantized"):
+    quantize.quantize(model, qmodel.variables, calib)
+  with pytest.raises(ValueError, match="only runs inference"):
+    qmodel.apply(qmodel.variables, jnp.asarray(calib[0]), train=True)
+
+
+def test_search_rechooses_by_int8_and_exports_a_servable_int8_subnet(tmp_path, trained_workdir):
+  workdir = str(tmp_path / "workdir")
+  shutil.copytree(trained_workdir[0], workdir)
+  config = autoslim.get_config()
+  config.calib_batches, config.calib_batch_size, config.valid_batch_size = 1, 32, 120
+  config.engine.chunk_size = 4
+  config.target_fractions, config.quantize, config.quantize_candidates = (0.55, 0.8), "int8", 1
+  result = run_search(config, workdir)
+  small, row = result["chosen"]
+  for chosen in (small, row):
+    compared = chosen["int8_candidates"]
+    assert len(compared) >= 1
+    assert chosen["int8_top1"] == max(c["int8_top1"] for c in compared)
+    assert all(c["macs"] <= chosen["target_macs"] for c in compared)
+    assert chosen["name"] in [c["name"] for c in compared]
+  # the larger budget compared the smaller one's candidates too: never worse in int8
+  assert ({c["name"] for c in small["int8_candidates"]}
+          <= {c["name"] for c in row["int8_candidates"]})
+  assert row["int8_top1"] >= small["int8_top1"]
+  assert 0.3 < row["int8_test_top1"] <= 1.0  # chance is 0.1; the tiny supernet is weak (~55%)
+  summary = json.load(open(os.path.join(row["export_dir"], "summary.json")))
+  assert summary["int8"]["bytes"] < summary["int8"]["float_bytes"]
+  # serve.py loads the int8 artifact like a float one (summary.json lies next to it)
+  classifier = serve.load(row["int8_export"])
+  images, labels = serve_inputs(workdir)
+  served = classifier.logits(images).argmax(-1)
+  direct = np.asarray(export.load_stablehlo(row["int8_export"])(jnp.asarray(images))).argmax(-1)
+  np.testing.assert_array_equal(served, direct)
+  assert np.mean(served == labels) > 0.3
+  with pytest.raises(ValueError, match=r"config.quantize must be '' \(float only\) or 'int8', "
+                                       "got 'int4'"):
+    run_search(_with(config, quantize="int4"), workdir)
+
+
+def _with(config, **overrides):
+  c = config.copy_and_resolve_references()
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def serve_inputs(workdir):
+  """The first 120 test digits as the engine feeds them, and their labels."""
+  sup = load_supernet(workdir)
+  _, batches = evaluation.eval_batches("digits", "test[:120]", sup.config.data_dir, 120, RES)
+  b = next(batches)
+  return np.asarray(b["inputs"]), np.asarray(b["label"])
