@@ -193,19 +193,25 @@ class LatencyTable:
   @classmethod
   def load(cls, path: str, model_name: str, model, resolution: int, batch_size: int
            ) -> "LatencyTable":
-    try:
-      with open(path) as f:
-        raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"latency table {path} could not be read: {e}") from None
     table = cls(model_name, model, resolution, batch_size)
-    want = table.header()
-    diffs = [f"{k}: table has {raw.get(k)!r}, this search needs {v!r}"
-             for k, v in want.items() if raw.get(k) != v]
-    if diffs:
-      raise ValueError(f"latency table {path} was built for another setting ("
-                       + "; ".join(diffs) + "). Build a new one for this model and device "
-                       "(leave config.latency.table empty).")
+    raw = read_matching(path, "latency table", table.header())
     table.warmup, table.repeats = raw["warmup"], raw["repeats"]
     table.overhead_ms, table.entries = raw["overhead_ms"], dict(raw["entries"])
     return table
+
+
+def read_matching(path: str, what: str, want: dict) -> dict:
+  """The JSON file at ``path`` (a latency table or model: ``what``), refused unless it records
+  every ``want`` key with the same value (model, fingerprint, device, batch, resolution, ...)."""
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{what} {path} could not be read: {e}") from None
+  diffs = [f"{k}: file has {raw.get(k)!r}, this search needs {v!r}"
+           for k, v in want.items() if raw.get(k) != v]
+  if diffs:
+    raise ValueError(f"{what} {path} was built for another setting (" + "; ".join(diffs)
+                     + "). Build a new one for this model and device (leave "
+                     "config.latency.table empty).")
+  return raw

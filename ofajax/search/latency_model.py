@@ -41,7 +41,8 @@ from sklearn.linear_model import LinearRegression
 from ofajax import cost as cost_lib
 from ofajax.models.base import Supernet
 from ofajax.models.mobilenet import MobileNet
-from ofajax.search.latency import device_name, model_fingerprint, random_variables
+from ofajax.search.latency import (device_name, model_fingerprint, random_variables,
+                                   read_matching)
 from ofajax.search.predictor import kendall_tau
 from ofajax.layers.cnn import se_channels
 
@@ -190,19 +191,8 @@ class LatencyModel:
   @classmethod
   def load(cls, path: str, model_name: str, model, resolution: int, batch_sizes
            ) -> "LatencyModel":
-    try:
-      with open(path) as f:
-        raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"latency model {path} could not be read: {e}") from None
     out = cls(model_name, model, resolution, batch_sizes)
-    want = dict(out.header(), features=list(FEATURES))
-    diffs = [f"{k}: file has {raw.get(k)!r}, this search needs {v!r}"
-             for k, v in want.items() if raw.get(k) != v]
-    if diffs:
-      raise ValueError(f"latency model {path} was built for another setting ("
-                       + "; ".join(diffs) + "). Build a new one for this model and device "
-                       "(leave config.latency.table empty).")
+    raw = read_matching(path, "latency model", dict(out.header(), features=list(FEATURES)))
     out.warmup, out.seconds, out.rounds = raw["warmup"], raw["seconds"], raw["rounds"]
     out.weights = {int(b): list(w) for b, w in raw["weights"].items()}
     return out
