@@ -139,7 +139,8 @@ class Evaluator:
     return _calibrate_chunk(self.model, self.variables, archs, real, self.calib_inputs,
                             archs_per_call=self.archs_per_call)
 
-  def _batches(self) -> Iterable[dict]:
+  def batches(self) -> Iterable[dict]:
+    """The validation batches (read again when the engine holds a reader)."""
     return self.eval_batches() if callable(self.eval_batches) else self.eval_batches
 
   def __call__(self, archs: Sequence[dict]) -> list[dict]:
@@ -149,7 +150,7 @@ class Evaluator:
     for chunk, real in self._chunks(archs):
       stats = self._calibrate(chunk, real)
       totals = (jnp.zeros(self.chunk_size), jnp.zeros(self.chunk_size))
-      for b in self._batches():
+      for b in self.batches():
         c, l = _score_chunk(self.model, self.variables["params"], stats, chunk, real,
                             b["inputs"], b["label"], b["mask"], archs_per_call=self.archs_per_call)
         totals = (totals[0] + c, totals[1] + l)

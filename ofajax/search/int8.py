@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ofajax import evaluation, export, quantize
+from ofajax.search import pareto
 
 MODES = ("", "int8")
 ARTIFACT = "model_int8.stablehlo"
@@ -79,8 +80,7 @@ class Int8Scorer:
     key = self._key(record)
     if key not in self.valid_top1:
       engine = self.scorer.evaluator(record["resolution"])
-      batches = engine.eval_batches() if callable(engine.eval_batches) else engine.eval_batches
-      self.valid_top1[key] = top1(self.model(record).logits_fn, batches)
+      self.valid_top1[key] = top1(self.model(record).logits_fn, engine.batches())
     return self.valid_top1[key]
 
   def choose(self, config, chosen: list) -> list[tuple[float, dict]]:
@@ -89,7 +89,7 @@ class Int8Scorer:
     out, seen = [], {}   # seen: every candidate scored in int8 so far, by key
     for target, record in sorted(chosen, key=lambda tr: tr[0]):
       budget = max(target, record["macs"])
-      ok = lambda r: r["macs"] <= budget and _within(config, r)
+      ok = lambda r: r["macs"] <= budget and pareto.within_bounds(config, r)
       best_float = sorted((r for r in self.scorer.measured.values() if ok(r)),
                           key=lambda r: (-r["top1"], r["macs"]))[:config.quantize_candidates]
       # Candidates scored for a smaller target stay in the running: a larger budget never
@@ -121,12 +121,6 @@ class Int8Scorer:
         row["int8_test_top1"] = top1(qmodel.logits_fn, batches)
       if row.get("export_dir") and is_main:
         row["int8_export"] = write_artifact(qmodel, row, row["export_dir"])
-
-
-def _within(config, record) -> bool:
-  return ((not config.max_params or record["params"] <= config.max_params)
-          and (not config.max_latency_ms
-               or record.get("latency_ms", 0.0) <= config.max_latency_ms))
 
 
 def write_artifact(qmodel, row: dict, export_dir: str) -> str:

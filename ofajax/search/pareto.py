@@ -48,3 +48,14 @@ def crowding(scores, costs) -> np.ndarray:
     for k in range(1, n - 1):
       dist[order[k]] += (values[order[k + 1]] - values[order[k - 1]]) / span
   return dist
+
+
+def cost_bounds(config) -> dict:
+  """The search's upper bounds on costs other than MACs, {key: bound}; unset ones (0) left out."""
+  return {k: v for k, v in (("params", config.max_params),
+                            ("latency_ms", config.max_latency_ms)) if v}
+
+
+def within_bounds(config, record: dict) -> bool:
+  """Whether a measured ``record`` meets every bound of :func:`cost_bounds`."""
+  return all(record.get(k, 0.0) <= v for k, v in cost_bounds(config).items())

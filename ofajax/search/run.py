@@ -288,7 +288,7 @@ def _run_method(config, scorer: Scorer, targets: list[float], result: dict,
 
 def _greedy(config, scorer: Scorer, targets, result: dict, is_main: bool) -> list:
   progress = ProgressBar(None, unit="archs", enabled=is_main)
-  bounds = dict(params=config.max_params or None, latency_ms=config.max_latency_ms or None)
+  bounds = pareto.cost_bounds(config)
   out = greedy_search(scorer.space, scorer.evaluate, scorer.cost, targets,
                       config.greedy.granularity, config.greedy.bin_steps, progress, bounds)
   progress.close()
@@ -345,11 +345,7 @@ def no_cheaper_better(config, scorer: Scorer, chosen: list) -> list[tuple[float,
   smallest = scorer.space.smallest()
   scorer.evaluate([smallest], [min(scorer.resolutions)])
 
-  def within(r):
-    return ((not config.max_params or r["params"] <= config.max_params)
-            and (not config.max_latency_ms or r.get("latency_ms", 0.0) <= config.max_latency_ms))
-
-  measured = [r for r in scorer.measured.values() if within(r)]
+  measured = [r for r in scorer.measured.values() if pareto.within_bounds(config, r)]
   out = []
   for target, record in chosen:
     cheaper = [r for r in measured if r["macs"] <= record["macs"]]
