@@ -8,6 +8,7 @@ from absl import app, flags, logging
 
 from ofajax import errors
 from ofajax.search.run import run_search
+from ofajax.workdir import read_config
 
 _CONFIG = errors.define_config_file("config", "configs/search/evolution.py",
                                     "search config file")
@@ -20,7 +21,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value overrides")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  run_search(_CONFIG.value, _WORKDIR.value)
+  if read_config(_WORKDIR.value).get("task", "classify") == "gan":
+    from ofajax.gan.search import run_gan_search  # pylint: disable=g-import-not-at-top
+    run_gan_search(_CONFIG.value, _WORKDIR.value)
+  else:
+    run_search(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,13 @@ def main(argv):
   if _MULTIHOST.value or _COORDINATOR.value is not None:
     # Before anything touches a device: the job's devices are only known after this.
     distributed.initialize(*explicit)
-  from ofajax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  task = _CONFIG.value.get("task", "classify")
+  if task not in ("classify", "gan"):
+    raise ValueError(f"config.task must be 'classify' or 'gan' (configs/gan_*.py), got {task!r}")
+  if task == "gan":   # configs/gan_*.py: a generator against a discriminator (ofajax.gan)
+    from ofajax.gan.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  else:
+    from ofajax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -12,7 +12,9 @@ flatten). The full network computes the same function afterwards.
 ``rank_by="filters"`` ranks by the producers' own weights instead (the L1 norm of each output
 filter, summed over the group's producing convs / dense layers): the criterion of magnitude
 filter pruning (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017), used by
-``bench/bench_elasticize.py`` as the baseline.
+``bench/bench_elasticize.py`` as the baseline. ``rank_by="bn_scale"`` ranks by |gamma| of the
+BatchNorms over the group's channels, summed (Network Slimming, Liu et al., ICCV 2017); a group
+that no scaled BatchNorm normalises has no such ranking and is refused by name.
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ def _reads(layer) -> bool:
   return layer.kind in ("conv", "conv_transpose", "dense") and not layer.depthwise
 
 
-RANKINGS = ("consumers", "filters")
+RANKINGS = ("consumers", "filters", "bn_scale")
 
 
 def group_importance(model: ElasticNet, params: Mapping, group: int, rank_by: str) -> np.ndarray:
-  """[channels] L1 importance of one group's channels (see the module docstring)."""
+  """[channels] importance of one group's channels (see the module docstring)."""
   if rank_by not in RANKINGS:
     raise ValueError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
+  if rank_by == "bn_scale":
+    return _bn_scale_importance(model, params, group)
   size = model.plan().groups[group].size
   importance = np.zeros(size, np.float32)
   for layer in model.plan().layers:
@@ -57,6 +61,27 @@ def group_importance(model: ElasticNet, params: Mapping, group: int, rank_by: st
     l1 = l1_importance(_at(params, layer.path)["kernel"], axis)
     for o in _offsets(label, group):
       importance += l1[o:o + size]
+  return importance
+
+
+def _bn_scale_importance(model: ElasticNet, params: Mapping, group: int) -> np.ndarray:
+  """[channels] |gamma| of every scaled BatchNorm over the group, summed (where a residual add
+  merged several producers, each one's BatchNorm counts)."""
+  plan = model.plan()
+  size = plan.groups[group].size
+  importance, found = np.zeros(size, np.float32), False
+  for layer in plan.layers:
+    if layer.kind != "batch_norm" or not layer.use_scale:
+      continue
+    scale = np.abs(np.asarray(_at(params, layer.path)["scale"], np.float32))
+    for o in _offsets(layer.out_label, group):
+      importance += scale[o:o + size]
+      found = True
+  if not found:
+    raise ValueError(
+        f"rank_by='bn_scale': the channel group of {', '.join(plan.groups[group].producers)} "
+        f"({size} channels) is not normalised by a BatchNorm with a scale, so it has no "
+        "|gamma| to rank by; use rank_by='filters' (L1 of the filters) for this model")
   return importance
 
 

@@ -24,14 +24,15 @@ def _key(record: dict):
 
 def greedy_search(space, evaluate: Callable, cost: Callable, targets: Sequence[float],
                   granularity: str = "layer", bin_steps: int = 1, progress=None,
-                  bounds: dict | None = None) -> dict:
+                  bounds: dict | None = None, key: Callable = _key) -> dict:
   """Runs greedy slimming; returns {"path", "evaluated", "chosen"}.
 
   evaluate: list of archs -> list of {"top1", "loss"} (the engine); cost: arch -> {"macs",
   "params", ...}; targets: MACs budgets (any order); bounds: upper bounds on other cost keys
   (e.g. {"latency_ms": 0.5}; None values are ignored): slimming goes on until the path is
   within them too. ``chosen`` maps each target (ascending) to its first path record within the
-  target and the bounds.
+  target and the bounds. ``key``: record -> what the best move maximises (default: top-1, then
+  lower loss, then fewer MACs).
   """
   bounds = {k: v for k, v in (bounds or {}).items() if v}
   within = lambda r: all(r[k] <= v for k, v in bounds.items())
@@ -62,7 +63,7 @@ def greedy_search(space, evaluate: Callable, cost: Callable, targets: Sequence[f
     for record, score in zip(candidates, evaluate([c["arch"] for c in candidates])):
       record.update(score)
     evaluated.extend(candidates)
-    best = max(candidates, key=_key)
+    best = max(candidates, key=key)
     path.append(best)
     if progress is not None:
       progress.update(len(evaluated), f"scored; round {len(path) - 1}: {best['move']} -> "
