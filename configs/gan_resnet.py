@@ -53,7 +53,10 @@ def get_config():
       "feature_weight": 10.0,  # the feature-distillation MSE's weight (with a teacher)
       "distill_layers": (),    # generator module paths whose outputs are distilled
       "beta1": 0.5,
-      "discriminator": {"ndf": 16, "n_layers": 2}})
+      "discriminator": {"ndf": 16, "n_layers": 2},
+      # The digit classifier that judges generated digits (ofajax.gan.judge): overrides of its
+      # training settings; every stage and the search must share one judge to be comparable.
+      "judge": {}})
   c.num_epochs = 8.0
   c.phases = [ml_collections.ConfigDict({
       "name": "generator", "epochs": c.get_ref("num_epochs"),

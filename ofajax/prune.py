@@ -120,6 +120,27 @@ def prune(supernet, variables: Mapping, space=None, keep: float = 0.5, criterion
                 resolution, before["macs"], after["macs"], before["params"], after["params"])
 
 
+def prune_to_arch(supernet: ElasticNet, variables: Mapping, arch, criterion: str = "l1",
+                  resolution: int | None = None) -> Pruned:
+  """The dense model at one arch of an elasticized supernet's space (e.g. a subnet a search
+  chose), keeping each group's most important channels by ``criterion`` rather than the
+  supernet's trained prefix: the pruning baseline at the same widths, so the same MACs."""
+  _check_args(1.0, criterion, 1)
+  if not isinstance(supernet, ElasticNet):
+    raise ValueError("prune_to_arch takes an ofajax.elasticize supernet; for a built-in one use "
+                     "prune(..., keep=...)")
+  space = supernet.search_space()
+  arch = space.to_host(space.validate(arch))
+  resolution = int(max(space.resolutions) if resolution is None else resolution)
+  ranked = sorting.sort_channels(supernet, variables, rank_by=CRITERIA[criterion])
+  dense, dense_variables = export.extract_subnet(supernet, ranked, arch, space)
+  full = space.to_host(space.largest())
+  before, after = (cost.count(supernet, a, resolution) for a in (full, arch))
+  keep = after["macs"] / max(before["macs"], 1)   # no single share: record the MACs kept
+  return Pruned(dense, dense_variables, arch, float(keep), criterion, CRITERIA[criterion], 1,
+                resolution, before["macs"], after["macs"], before["params"], after["params"])
+
+
 def _check_args(keep, criterion: str, divisor) -> None:
   if criterion not in CRITERIA:
     raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
@@ -277,4 +298,4 @@ def prune_workdir(workdir: str, out_dir: str, keep: float = 0.5, criterion: str 
 
 
 __all__ = ["CRITERIA", "Pruned", "kept_width", "layer_widths", "load_pruned_variables", "prune",
-           "prune_workdir", "save_pruned"]
+           "prune_to_arch", "prune_workdir", "save_pruned"]

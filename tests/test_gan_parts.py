@@ -16,6 +16,7 @@ from ofajax import data
 from ofajax.gan import data as gan_data
 from ofajax.gan import judge as gan_judge
 from ofajax.models import FAST_COMPILE
+from tests.conftest import TEST_JUDGE
 from ofajax.models import generators as gen
 
 X = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)), jnp.float32)
@@ -32,13 +33,6 @@ def abstract_variables(module):
 
 def init_shapes(module):
   return shapes(abstract_variables(module))
-
-
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  data.ensure_local_dataset("mnist_5k", path)
-  return path
 
 
 # ---------------------------------------------------------------------------------- generators
@@ -247,7 +241,7 @@ def test_frechet_distance_identities():
 
 
 # A shortened judge: the same network and recipe, fewer epochs (the default takes longer).
-SMALL = {**gan_judge.SETTINGS, "epochs": 3}
+SMALL = gan_judge.settings_with(TEST_JUDGE)
 
 
 @pytest.fixture(scope="module")

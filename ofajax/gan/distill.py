@@ -19,12 +19,15 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from ofajax.elastic.plan import NET
+from ofajax.elastic.supernet import ElasticNet
+
 INTERMEDIATES = "intermediates"
 
 
 def _prefix(model) -> tuple[str, ...]:
-  """The path of the user's module inside the supernet ("net" for an elasticized model)."""
-  return ("net",) if hasattr(model, "net") else ()
+  """The path of the user's module inside the supernet (NET for an elasticized model)."""
+  return (NET,) if isinstance(model, ElasticNet) else ()
 
 
 def capture_filter(model, names: Sequence[str]):

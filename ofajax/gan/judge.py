@@ -177,6 +177,16 @@ def score_generator(generate: Callable, pairs: gan_data.PairedSet, judge: Judge,
 # --------------------------------------------------------------------------- the cache
 
 
+def settings_with(overrides) -> dict:
+  """SETTINGS with ``overrides`` (a GAN config's ``gan.judge``; e.g. fewer epochs in tests); an
+  unknown key is refused, naming the known ones."""
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides or {})
+  unknown = sorted(set(overrides) - set(SETTINGS))
+  if unknown:
+    raise ValueError(f"config.gan.judge has unknown keys {unknown}; known: {sorted(SETTINGS)}")
+  return {**SETTINGS, **overrides}
+
+
 def cache_path(data_dir=None, settings: dict = SETTINGS) -> str:
   """<data_dir>/ofajax_judge/judge-<hash of settings>.msgpack"""
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

@@ -44,7 +44,8 @@ def run_gan_search(config, workdir: str) -> dict:
   load = lambda split: gan_data.load_pairs(split, data_dir, train.dataset)  # noqa: E731
   calib = evaluate.calibration_edges(load(data_splits["calib"]), config.calib_batch_size,
                                      config.calib_batches, config.seed)
-  valid, judge = load(data_splits["valid"]), gan_judge.get_judge(data_dir)
+  valid = load(data_splits["valid"])
+  judge = gan_judge.get_judge(data_dir, gan_judge.settings_with(train.gan.get("judge")))
   resolution = int(train.resolution)
 
   def score(archs):

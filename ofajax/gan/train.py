@@ -131,7 +131,9 @@ def setup(config, workdir: str) -> train_lib.Run:
 def final_evaluation(run: train_lib.Run) -> list[dict]:
   """The largest, the smallest and random subnets judged on the test split; eval.json."""
   config, space = run.config, run.space
-  named = [("largest", space.largest()), ("smallest", space.smallest())]
+  named = [("largest", space.largest())]
+  if space.name(space.smallest()) != space.name(space.largest()):  # one-width stages: one net
+    named.append(("smallest", space.smallest()))
   keys = jax.random.split(jax.random.key(config.seed + 2), config.eval.num_random_subnets)
   named += [(space.name(a), a) for a in (space.sample(k) for k in keys)]
   data_dir = config.data_dir or None
@@ -141,7 +143,8 @@ def final_evaluation(run: train_lib.Run) -> list[dict]:
   test_pairs = gan_data.load_pairs(config.test_split, data_dir, config.dataset)
   variables = jax.device_get(run.state.variables)
   records = evaluate.score(run.model, variables, named, test_pairs, calib,
-                           gan_judge.get_judge(data_dir), config.resolution)
+                           gan_judge.get_judge(data_dir, gan_judge.settings_with(
+                               config.gan.get("judge"))), config.resolution)
   if run.is_main:
     with open(os.path.join(run.workdir, "eval.json"), "w") as f:
       json.dump(records, f, indent=1)
