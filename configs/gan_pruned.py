@@ -25,5 +25,5 @@ def get_config():
   c.model_options = gan_resnet.generator_options("mobile_resnet_generator")
   c.distill = "teacher"
   c.gan.distill_layers = DISTILL_LAYERS
-  c.num_epochs = 6.0
+  c.num_epochs = 8.0
   return c

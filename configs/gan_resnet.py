@@ -50,7 +50,7 @@ def get_config():
       "loss": "lsgan",         # or "hinge"
       "gan_weight": 1.0,
       "l1_weight": 100.0,      # pix2pix's lambda_L1
-      "feature_weight": 10.0,  # the feature-distillation MSE's weight (with a teacher)
+      "feature_weight": 1.0,   # the feature-distillation MSE's weight (with a teacher)
       "distill_layers": (),    # generator module paths whose outputs are distilled
       "beta1": 0.5,
       "discriminator": {"ndf": 16, "n_layers": 2},

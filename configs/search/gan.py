@@ -14,6 +14,7 @@ from configs.search.common import base_config
 
 def get_config():
   c = base_config("gan", "greedy")
-  c.target_fractions = (0.6, 0.4, 0.25)
+  # 0.85 of the pruned generator is about 10x fewer MACs than the original ResNet generator.
+  c.target_fractions = (0.85, 0.6, 0.4)
   c.greedy = ml_collections.ConfigDict({"granularity": "layer", "bin_steps": 1})
   return c

@@ -125,20 +125,9 @@ def make_gan_step(model, space, disc, config, g_tx, d_tx, max_subnets: int,
     archs = sample_archs(space, key, phase, max_subnets)
     teacher_features = teacher(edges) if (teacher is not None and opts.layers) else {}
     trainable = {"generator": state.params, "adapters": state.adapters}
-    grads = jax.tree.map(jnp.zeros_like, trainable)
-    batch_stats, fakes, active, parts = state.batch_stats, [], [], []
-    # Unrolled: XLA:CPU runs convolutions inside loops many times slower (ofajax.train_step).
-    for i in range(max_subnets):
-      arch = jax.tree.map(lambda a, i=i: a[i], archs)
-      on = i < phase["num_subnets"]
-      (_, (fake, new_stats, part)), g = grad_fn(trainable, batch_stats, state.disc_params, arch,
-                                                edges, targets, teacher_features)
-      grads = jax.tree.map(lambda a, b, on=on: a + jnp.where(on, b, 0.0), grads, g)
-      batch_stats = jax.tree.map(lambda n, o, on=on: jnp.where(on, n, o), new_stats, batch_stats)
-      fakes.append(jax.lax.stop_gradient(fake))
-      active.append(on)
-      parts.append(part)
-    active = jnp.stack(active).astype(jnp.float32)
+    grads, batch_stats, fakes, active, parts = _accumulate(
+        grad_fn, trainable, state, archs, phase["num_subnets"], max_subnets,
+        (edges, targets, teacher_features))
     d_loss, d_grads = jax.value_and_grad(disc_loss)(state.disc_params, edges, targets, fakes,
                                                     active)
     updates, opt_state = g_tx.update(grads, state.opt_state, trainable)
@@ -148,14 +137,39 @@ def make_gan_step(model, space, disc, config, g_tx, d_tx, max_subnets: int,
         step=state.step + 1, params=trainable["generator"], adapters=trainable["adapters"],
         batch_stats=batch_stats, opt_state=opt_state,
         disc_params=optax.apply_updates(state.disc_params, d_updates), disc_opt_state=d_opt_state)
-    mean = lambda k: sum(p[k] * a for p, a in zip(parts, active)) / jnp.sum(active)  # noqa: E731
-    l1, adversarial, feature = mean("l1"), mean("adversarial"), mean("feature")
-    metrics = {"loss": opts.gan_weight * adversarial + opts.l1_weight * l1
-               + opts.feature_weight * feature, "l1": l1, "adversarial": adversarial,
-               "feature": feature, "l1_largest": parts[0]["l1"], "disc_loss": d_loss}
-    return new_state, metrics
+    return new_state, _metrics(opts, parts, active, d_loss)
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0, static_argnames="resolution")
   rep = distributed.replicated(mesh)  # the state stays replicated step after step
   return jax.jit(step, donate_argnums=0, static_argnames="resolution", out_shardings=(rep, rep))
+
+
+def _accumulate(grad_fn, trainable, state: GanState, archs, num_subnets, max_subnets: int,
+                batch):
+  """Summed generator gradients over the step's subnets, unrolled (XLA:CPU runs convolutions
+  inside loops many times slower, see ``ofajax.train_step``); slots beyond ``num_subnets`` are
+  computed and discarded. Returns (grads, batch_stats, fakes, active mask, loss parts)."""
+  edges, targets, teacher_features = batch
+  grads = jax.tree.map(jnp.zeros_like, trainable)
+  batch_stats, fakes, active, parts = state.batch_stats, [], [], []
+  for i in range(max_subnets):
+    arch = jax.tree.map(lambda a, i=i: a[i], archs)
+    on = i < num_subnets
+    (_, (fake, new_stats, part)), g = grad_fn(trainable, batch_stats, state.disc_params, arch,
+                                              edges, targets, teacher_features)
+    grads = jax.tree.map(lambda a, b, on=on: a + jnp.where(on, b, 0.0), grads, g)
+    batch_stats = jax.tree.map(lambda n, o, on=on: jnp.where(on, n, o), new_stats, batch_stats)
+    fakes.append(jax.lax.stop_gradient(fake))
+    active.append(on)
+    parts.append(part)
+  return grads, batch_stats, fakes, jnp.stack(active).astype(jnp.float32), parts
+
+
+def _metrics(opts: GanLossOptions, parts: list[dict], active, d_loss) -> dict:
+  """The step's logged values: loss terms averaged over the active subnets."""
+  mean = lambda k: sum(p[k] * a for p, a in zip(parts, active)) / jnp.sum(active)  # noqa: E731
+  l1, adversarial, feature = mean("l1"), mean("adversarial"), mean("feature")
+  return {"loss": opts.gan_weight * adversarial + opts.l1_weight * l1
+          + opts.feature_weight * feature, "l1": l1, "adversarial": adversarial,
+          "feature": feature, "l1_largest": parts[0]["l1"], "disc_loss": d_loss}

@@ -43,7 +43,10 @@ def check_config(config) -> None:
 
 def _adam(config, schedule):
   # pix2pix / GAN Compression: Adam with beta1 = 0.5 for both players.
-  return optax.adam(schedule, b1=float(config.gan.beta1))
+  adam = optax.adam(schedule, b1=float(config.gan.beta1))
+  if config.get("grad_clip_norm"):   # what a non-finite loss's error message suggests
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
+  return adam
 
 
 def load_teacher(config, layers, sample):
