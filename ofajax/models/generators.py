@@ -23,6 +23,7 @@ Names are module paths joined by "/" ("stem", "down2", "block0/pw1", "up1", "hea
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -133,58 +134,58 @@ class MobileResnetBlock(nn.Module):
     return x + _bn(train, "pw2_bn")(_conv(self.dim, 1, "pw2")(y))
 
 
-class ResnetGenerator(nn.Module):
+class _ResidualGenerator(nn.Module):
+  """The encoder, `n_blocks` residual blocks at the trunk width (down2's) and the decoder; the
+  subclasses choose the block and its convs' widths."""
+  ngf: int = 16
+  n_blocks: int = 6
+  out_channels: int = 1
+  widths: tuple = ()
+
+  block: ClassVar[type]
+  inner_conv: ClassVar[str]     # the block conv whose width is the block's `inner`
+
+  def _block_widths(self, w: _Widths, i: int, dim: int) -> None:
+    raise NotImplementedError
+
+  def layer_widths(self) -> dict[str, int]:
+    """Output channels of every conv, by name (defaults, then the `widths` overrides)."""
+    w = _Widths(self.widths)
+    dim = _trunk_widths(w, self.ngf)
+    for i in range(self.n_blocks):
+      self._block_widths(w, i, dim)
+    _up_widths(w, self.ngf, self.out_channels)
+    return w.done()
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    w = self.layer_widths()
+    x = _encode(x, w, train)
+    for i in range(self.n_blocks):
+      x = self.block(w["down2"], w[f"block{i}/{self.inner_conv}"], name=f"block{i}")(x, train)
+    return _decode(x, w, train)
+
+
+class ResnetGenerator(_ResidualGenerator):
   """The CycleGAN / pix2pix ResNet generator for 28x28 images; NHWC in [-1, 1] -> tanh."""
-  ngf: int = 16
-  n_blocks: int = 6
-  out_channels: int = 1
-  widths: tuple = ()
+  block: ClassVar[type] = ResnetBlock
+  inner_conv: ClassVar[str] = "conv1"
 
-  def layer_widths(self) -> dict[str, int]:
-    """Output channels of every conv, by name (defaults, then the `widths` overrides)."""
-    w = _Widths(self.widths)
-    dim = _trunk_widths(w, self.ngf)
-    for i in range(self.n_blocks):
-      w.free(f"block{i}/conv1", dim)
-      w.tied(f"block{i}/conv2", dim, "the residual add onto down2")
-    _up_widths(w, self.ngf, self.out_channels)
-    return w.done()
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    w = self.layer_widths()
-    x = _encode(x, w, train)
-    for i in range(self.n_blocks):
-      x = ResnetBlock(w["down2"], w[f"block{i}/conv1"], name=f"block{i}")(x, train)
-    return _decode(x, w, train)
+  def _block_widths(self, w: _Widths, i: int, dim: int) -> None:
+    w.free(f"block{i}/conv1", dim)
+    w.tied(f"block{i}/conv2", dim, "the residual add onto down2")
 
 
-class MobileResnetGenerator(nn.Module):
+class MobileResnetGenerator(_ResidualGenerator):
   """GAN Compression's MobileResnetGenerator for 28x28 images; NHWC in [-1, 1] -> tanh."""
-  ngf: int = 16
-  n_blocks: int = 6
-  out_channels: int = 1
-  widths: tuple = ()
+  block: ClassVar[type] = MobileResnetBlock
+  inner_conv: ClassVar[str] = "pw1"
 
-  def layer_widths(self) -> dict[str, int]:
-    """Output channels of every conv, by name (defaults, then the `widths` overrides)."""
-    w = _Widths(self.widths)
-    dim = _trunk_widths(w, self.ngf)
-    for i in range(self.n_blocks):
-      w.tied(f"block{i}/dw1", dim, "its depthwise input (down2)")
-      inner = w.free(f"block{i}/pw1", dim)
-      w.tied(f"block{i}/dw2", inner, f"its depthwise input (block{i}/pw1)")
-      w.tied(f"block{i}/pw2", dim, "the residual add onto down2")
-    _up_widths(w, self.ngf, self.out_channels)
-    return w.done()
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    w = self.layer_widths()
-    x = _encode(x, w, train)
-    for i in range(self.n_blocks):
-      x = MobileResnetBlock(w["down2"], w[f"block{i}/pw1"], name=f"block{i}")(x, train)
-    return _decode(x, w, train)
+  def _block_widths(self, w: _Widths, i: int, dim: int) -> None:
+    w.tied(f"block{i}/dw1", dim, "its depthwise input (down2)")
+    inner = w.free(f"block{i}/pw1", dim)
+    w.tied(f"block{i}/dw2", inner, f"its depthwise input (block{i}/pw1)")
+    w.tied(f"block{i}/pw2", dim, "the residual add onto down2")
 
 
 class PatchDiscriminator(nn.Module):
