@@ -16,7 +16,7 @@ from ofajax import data
 from ofajax.gan import data as gan_data
 from ofajax.gan import judge as gan_judge
 from ofajax.models import FAST_COMPILE
-from tests.conftest import TEST_JUDGE
+from conftest import TEST_JUDGE
 from ofajax.models import generators as gen
 
 X = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)), jnp.float32)

@@ -23,7 +23,7 @@ from ofajax.gan import judge as gan_judge
 from ofajax.gan.search import run_gan_search
 from ofajax.gan.train import train_and_evaluate
 from ofajax.workdir import load_supernet
-from tests.conftest import TEST_JUDGE
+from conftest import TEST_JUDGE
 
 STEPS = 24
 
