@@ -16,9 +16,9 @@ import pytest
 
 from configs import gan_mobile, gan_pruned, gan_resnet, gan_supernet
 from configs.search import gan as gan_search_config
-from ofajax import export, models, prune
+from ofajax import export, feature_distill, models, prune
 from ofajax.gan import data as gan_data
-from ofajax.gan import distill, evaluate, step
+from ofajax.gan import evaluate, step
 from ofajax.gan import judge as gan_judge
 from ofajax.gan.search import run_gan_search
 from ofajax.gan.train import train_and_evaluate
@@ -131,7 +131,7 @@ def test_supernet_trains_subnets_and_search_exports_them(stages, mnist_dir):
 def test_an_unknown_feature_layer_lists_the_valid_names(stages):
   sup = load_supernet(stages["mobile"])
   with pytest.raises(ValueError, match=r"\['block0', .*'up1'"):
-    distill.feature_shapes(sup.model, sup.variables, jnp.zeros((1, 28, 28, 1)),
+    feature_distill.feature_shapes(sup.model, sup.variables, jnp.zeros((1, 28, 28, 1)),
                            sup.space.largest(), ("block9",))
 
 

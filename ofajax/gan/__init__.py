@@ -12,6 +12,7 @@ Three stages, each a ``python train.py`` run with a ``configs/gan_*.py`` config
 
 Modules: ``data`` (the paired edges -> digit task), ``judge`` (the Fréchet distance and the
 accuracy of a digit classifier, offline stand-ins for FID and the segmentation score),
-``distill`` (intermediate-feature distillation through 1x1 adapters), ``step`` (the jitted
-generator + discriminator step), ``train`` (the job ``train.py`` runs for ``task="gan"``).
+``step`` (the jitted generator + discriminator step), ``train`` (the job ``train.py`` runs for
+``task="gan"``). Feature distillation through 1x1 adapters is ``ofajax.feature_distill``,
+shared with the classifier step.
 """

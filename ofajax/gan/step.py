@@ -2,7 +2,7 @@
 
 pix2pix's objective on paired data: the generator fools a conditional PatchGAN discriminator
 (LSGAN or hinge) and reconstructs the target (L1, weight ``l1_weight``); with a teacher it also
-matches the teacher's intermediate features through adapters (``ofajax.gan.distill``, GAN
+matches the teacher's intermediate features through adapters (``ofajax.feature_distill``, GAN
 Compression). The generator may be a supernet: a step runs up to ``max_subnets`` subnets of the
 phase (sandwich rule: the largest, the smallest, random ones), sums their generator gradients
 (as the classifier step does) and shows the discriminator every active subnet's fakes.
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from ofajax import distributed
-from ofajax.gan import distill
+from ofajax import feature_distill
 from ofajax.phases import sample_archs
 
 GAN_LOSSES = ("lsgan", "hinge")
@@ -81,13 +81,8 @@ class GanLossOptions:
 
 def generator_forward(model, opts: GanLossOptions, variables, arch, edges, train: bool):
   """(fake images, {layer: feature}, updated batch_stats) of one subnet."""
-  if not opts.layers:
-    fake, updates = model.apply(variables, edges, arch, train=train, mutable=["batch_stats"])
-    return fake, {}, updates.get("batch_stats", variables["batch_stats"])
-  fake, updates = model.apply(variables, edges, arch, train=train,
-                              capture_intermediates=distill.capture_filter(model, opts.layers),
-                              mutable=["batch_stats", distill.INTERMEDIATES])
-  features = distill.collect(model, updates[distill.INTERMEDIATES], opts.layers)
+  (fake, features), updates = feature_distill.apply_with_features(
+      model, variables, edges, arch, opts.layers, train=train, mutable=["batch_stats"])
   return fake, features, updates.get("batch_stats", variables["batch_stats"])
 
 
@@ -107,7 +102,7 @@ def make_gan_step(model, space, disc, config, g_tx, d_tx, max_subnets: int,
     loss = opts.gan_weight * adversarial + opts.l1_weight * l1
     feature = jnp.float32(0.0)
     if opts.layers:
-      feature = distill.feature_loss(trainable["adapters"], features, teacher_features)
+      feature = feature_distill.feature_loss(trainable["adapters"], features, teacher_features)
       loss = loss + opts.feature_weight * feature
     return loss, (fake, batch_stats, {"adversarial": adversarial, "l1": l1, "feature": feature})
 

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ofajax import distributed, models, optimizer, starting_weights
+from ofajax import distributed, feature_distill, models, optimizer, starting_weights
 from ofajax import train as train_lib
 from ofajax import workdir as workdir_lib
 from ofajax.gan import data as gan_data
-from ofajax.gan import distill, evaluate
+from ofajax.gan import evaluate
 from ofajax.gan import judge as gan_judge
 from ofajax.gan.step import GanLossOptions, GanState, make_gan_step
 from ofajax.metrics_writer import MetricsWriter
@@ -54,13 +54,11 @@ def load_teacher(config, layers, sample):
   generator, frozen."""
   teacher = workdir_lib.load_supernet(config.teacher_workdir)
   model, variables, largest = teacher.model, teacher.variables, teacher.space.largest()
-  shapes = distill.feature_shapes(model, variables, sample, largest, layers)
+  shapes = feature_distill.feature_shapes(model, variables, sample, largest, layers)
 
   def forward(edges):
-    _, state = model.apply(variables, edges, largest, train=False,
-                           capture_intermediates=distill.capture_filter(model, layers),
-                           mutable=[distill.INTERMEDIATES])
-    return distill.collect(model, state[distill.INTERMEDIATES], layers)
+    return feature_distill.apply_with_features(model, variables, edges, largest, layers,
+                                               train=False)[1]
   return forward, shapes
 
 
@@ -69,9 +67,9 @@ def _fresh_state(model, space, disc, config, g_tx, d_tx, teacher_shapes, sample)
   variables = models.init(model, init_key, sample)
   adapters = {}
   if teacher_shapes:
-    student = distill.feature_shapes(model, variables, sample, space.largest(),
+    student = feature_distill.feature_shapes(model, variables, sample, space.largest(),
                                      tuple(config.gan.distill_layers))
-    adapters = distill.init_adapters(adapter_key, student, teacher_shapes)
+    adapters = feature_distill.init_adapters(adapter_key, student, teacher_shapes)
   disc_params = disc.init(disc_key, sample, jnp.zeros(sample.shape[:-1] + (
       model.num_classes,)))
   state = GanState(step=jnp.int32(0), params=variables["params"],
