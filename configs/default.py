@@ -70,6 +70,11 @@ def get_config():
   c.kd_loss = "soft_ce"         # or "kl": same gradient, zero when the subnet matches its teacher
   c.hidden_mse_weight = 0.0     # transformers: MSE of the kept layers' outputs to the teacher's
   c.embedding_mse_weight = 0.0  # transformers: MSE of the embedding output to the teacher's
+  # Intermediate-feature distillation from the teacher (needs distill="teacher"): module paths of
+  # the model whose outputs the student matches through learned 1x1 adapters, as a tuple or
+  # "block1,block3" on the command line; () is off. See docs/training.md#feature-distillation.
+  c.distill_features = ()
+  c.feature_weight = 1.0        # weight of the summed feature MSE in every subnet's loss
 
   # Start from a trained workdir's weights (same model) instead of a random init, e.g. a fully
   # trained network before elastic training (DynaBERT's starting point).

@@ -36,11 +36,11 @@ def _prefix(model) -> tuple[str, ...]:
 
 
 def parse_names(value) -> tuple[str, ...]:
-  """Layer names from a config: a tuple / list, or one comma-separated string (what
-  ``--config.distill_features=block1,block3`` gives); blanks dropped."""
-  if isinstance(value, str):
-    value = value.split(",")
-  return tuple(n.strip() for n in (value or ()) if n.strip())
+  """Layer names from a config: a tuple / list or a comma-separated string. Items are split at
+  commas too: ``--config.distill_features=block1,block3`` overrides a tuple with the one item
+  "block1,block3". Blanks are dropped."""
+  items = [value] if isinstance(value, str) else list(value or ())
+  return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
 
 
 def capture_filter(model, names: Sequence[str]):

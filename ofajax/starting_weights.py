@@ -3,7 +3,8 @@
 - ``config.init_workdir``: a trained workdir's weights instead of the random init (any workdir
   whose parameters fit: CompOFA from OFA-MobileNetV3 and back);
 - ``config.reorder``: transformer heads and FFN neurons re-ordered by importance (DynaBERT);
-- ``config.teacher_workdir``: the frozen teacher every subnet distils from;
+- ``config.teacher_workdir``: the frozen teacher every subnet distils from (its logits, and
+  the intermediate features ``config.distill_features`` names);
 - at a phase start: channels re-sorted by importance (OFA's expand phases) and a fresh optimizer
   state (OFA builds a new optimizer per phase).
 """
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 import optax
 
-from ofajax import data, distributed, elastic, importance
+from ofajax import data, distributed, elastic, feature_distill, importance, models
 from ofajax import workdir as workdir_lib
 from ofajax.workdir import TrainState
 
@@ -86,19 +87,30 @@ def reorder_by_importance(state: TrainState, model, config, train_source, workdi
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
-def load_teacher(config, hidden: bool, mesh=None) -> Callable:
+def load_teacher(config, hidden: bool, mesh=None, features=()) -> Callable:
   """A frozen ``inputs -> {"logits"}`` of the largest arch of ``config.teacher_workdir``'s
-  supernet (+ ``"extra"``: hidden states, when ``hidden``), replicated over ``mesh`` if
-  given."""
+  supernet (+ ``"extra"``: hidden states, when ``hidden``; + ``"features"``: {layer: output} of
+  the layers ``features`` names, checked as ``ofajax.feature_distill.feature_shapes`` checks
+  them), replicated over ``mesh`` if given."""
   sharding = distributed.replicated(mesh) if mesh is not None else None
   teacher = workdir_lib.load_supernet(config.teacher_workdir, sharding=sharding)
   model, variables, largest = teacher.model, teacher.variables, teacher.space.largest()
-  if hidden:
-    def forward(inputs):
-      logits, extra = model.apply(variables, inputs, largest, train=False, return_hidden=True)
-      return {"logits": logits, "extra": extra}
-    return forward
-  return lambda inputs: {"logits": model.apply(variables, inputs, largest, train=False)}
+  if features:
+    sample = models.sample_input(model, int(config.resolution))
+    try:
+      feature_distill.feature_shapes(model, variables, sample, largest, features)
+    except ValueError as e:   # the student's names are checked too: say which model this is
+      raise ValueError(f"the teacher (config.teacher_workdir {config.teacher_workdir}): {e}") \
+          from None
+  kwargs = {"return_hidden": True} if hidden else {}
+
+  def forward(inputs):
+    out, named = feature_distill.apply_with_features(model, variables, inputs, largest,
+                                                     features, train=False, **kwargs)
+    logits, extra = out if hidden else (out, None)
+    return {"logits": logits, **({"extra": extra} if hidden else {}),
+            **({"features": named} if features else {})}
+  return forward
 
 
 def fresh_optimizer_state(tx, state: TrainState):

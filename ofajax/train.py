@@ -28,7 +28,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from ofajax import cost, data, distributed, evaluation, models, precision, reporting
+from ofajax import cost, data, distributed, evaluation, feature_distill, models, precision
+from ofajax import reporting
 from ofajax import optimizer, starting_weights
 from ofajax import train_step as train_step_lib
 from ofajax.data import splits
@@ -63,6 +64,16 @@ def check_config(config) -> None:
         "hidden-state / embedding distillation needs a fixed teacher: set config.distill="
         "'teacher' and config.teacher_workdir (DynaBERT's setting). In place, the subnets pull "
         "the shared weights toward collapsed hidden states and the largest subnet stops learning.")
+  features = feature_distill.parse_names(config.get("distill_features", ()))
+  if features and config.distill != "teacher":
+    raise ValueError(
+        f"config.distill_features {list(features)} distils intermediate features from a separate "
+        f"teacher model, but config.distill is {config.distill!r}: set config.distill='teacher' "
+        "and config.teacher_workdir (a trained workdir of the model to learn from, e.g. the "
+        "unpruned network), or set config.distill_features=() to train without it")
+  if features and not config.get("feature_weight", 1.0) > 0:
+    raise ValueError(f"config.feature_weight must be positive with config.distill_features, got "
+                     f"{config.feature_weight!r}")
   if config.optimizer not in ("sgd", "adamw"):
     raise ValueError(f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
   precision.compute_dtype(config.get("compute_dtype", "float32"))
@@ -104,14 +115,34 @@ class Run:
     return sum(p.steps for p in self.phases[:index])
 
 
-def _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, is_main):
+def _feature_shapes(model, config, teacher, names) -> tuple[dict, dict]:
+  """({layer: output shape} of the student, of the teacher) for ``config.distill_features``,
+  each model's names checked (``ofajax.feature_distill.feature_shapes``), shapes only."""
+  sample = models.sample_input(model, config.resolution)
+  largest = model.search_space().largest()
+  variables = jax.eval_shape(model.init, jax.random.key(0), sample, largest)
+  student = feature_distill.feature_shapes(model, variables, sample, largest, names)
+  teacher_shapes = {n: f.shape for n, f in jax.eval_shape(teacher, sample)["features"].items()}
+  feature_distill.check_pairing(student, teacher_shapes)
+  return student, teacher_shapes
+
+
+def _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, is_main,
+                 feature_shapes=None):
   """(state, optimizer): restored from the latest checkpoint straight into the replicated
   layout, or initialised on one device (the same values on every process: same seed), given
-  its starting weights, then replicated."""
+  its starting weights, then replicated. ``feature_shapes`` (student's, teacher's): the state
+  is a ``DistillState`` holding feature distillation's adapters."""
   sample = models.sample_input(model, config.resolution)
+  # Seeds +1..+3 are BN calibration, the evaluation's subnets and re-ordering.
+  adapter_key = jax.random.key(config.seed + 4)
   if ckpt.latest_step() is not None:
     target, tx = workdir_lib.abstract_state(model, tx_factory, sample,
                                             distributed.replicated(mesh))
+    if feature_shapes:
+      target = workdir_lib.abstract_like(jax.eval_shape(
+          lambda s: workdir_lib.add_adapters(s, feature_distill.init_adapters(
+              adapter_key, *feature_shapes), tx_factory), target), distributed.replicated(mesh))
     state, _ = ckpt.restore(target)
     if is_main:
       print(f"resumed from {ckpt.directory} at step {int(state.step)}")
@@ -124,6 +155,9 @@ def _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, i
   if config.get("reorder", {}).get("enabled", False):
     state = starting_weights.reorder_by_importance(state, model, config, train_source, workdir,
                                                    is_main)
+  if feature_shapes:
+    state = workdir_lib.add_adapters(
+        state, feature_distill.init_adapters(adapter_key, *feature_shapes), tx_factory)
   return distributed.replicate(state, mesh), tx
 
 
@@ -151,12 +185,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   schedule = optimizer.make_schedule(phases, config.get("lr_schedule", "cosine"))
   tx_factory = functools.partial(optimizer.make_optimizer, config, schedule)
   ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
-  state, tx = _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, is_main)
-  hidden = train_step_lib.LossOptions.from_config(config).hidden
-  teacher = (starting_weights.load_teacher(config, hidden, mesh)
+  opts = train_step_lib.LossOptions.from_config(config)
+  teacher = (starting_weights.load_teacher(config, opts.hidden, mesh, opts.features)
              if config.distill == "teacher" else None)
+  feature_shapes = (_feature_shapes(model, config, teacher, opts.features) if opts.features
+                    else None)
+  state, tx = _start_state(model, config, tx_factory, mesh, ckpt, train_source, workdir, is_main,
+                           feature_shapes)
+  # Optax transformations are pure: this one updates the adapters restored or made above.
+  adapter_tx = tx_factory(state.adapters) if opts.features else None
   train_step = train_step_lib.make_train_step(model, space, config, tx,
-                                              max(p.num_subnets for p in phases), teacher, mesh)
+                                              max(p.num_subnets for p in phases), teacher, mesh,
+                                              adapter_tx)
   block, blocks = distributed.process_block(mesh, config.batch_size)
   batches = data.make_train_iterator(
       train_source, batch_size=config.batch_size, seed=config.seed, resolution=config.resolution,

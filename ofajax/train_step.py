@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ofajax import distributed, losses, precision
+from ofajax import distributed, feature_distill, losses, precision
 from ofajax import workdir as workdir_lib
 from ofajax.phases import sample_archs
 from ofajax.workdir import TrainState
@@ -35,6 +35,8 @@ class LossOptions:
   inplace_ce_weight: float     # weight of the labels for the taught subnets when in place
   teacher_ce_weight: float     # weight of the labels with an external teacher (DynaBERT: 0)
   dtype: Any                   # compute dtype
+  features: tuple[str, ...] = ()   # layers distilled from the teacher through adapters
+  feature_weight: float = 1.0
 
   @classmethod
   def from_config(cls, config) -> "LossOptions":
@@ -45,28 +47,32 @@ class LossOptions:
                inplace=config.distill == "inplace",
                inplace_ce_weight=config.get("inplace_ce_weight", 0.0),
                teacher_ce_weight=config.get("teacher_ce_weight", 1.0),
-               dtype=precision.compute_dtype(config.get("compute_dtype", "float32")))
+               dtype=precision.compute_dtype(config.get("compute_dtype", "float32")),
+               features=feature_distill.parse_names(config.get("distill_features", ())),
+               feature_weight=float(config.get("feature_weight", 1.0)))
 
   @property
   def hidden(self) -> bool:
     return bool(self.hidden_weight or self.embedding_weight)
 
 
-def subnet_loss(model, opts: LossOptions, params, batch_stats, arch, inputs, labels, teacher,
-                ce_weight, kd_on, hidden_scale, key):
-  """Loss of one subnet and (its outputs, its updated batch_stats).
+def subnet_loss(model, opts: LossOptions, params, adapters, batch_stats, arch, inputs, labels,
+                teacher, ce_weight, kd_on, hidden_scale, key):
+  """Loss of one subnet and (its outputs, its updated batch_stats, its feature MSE).
 
-  ``teacher``: None, or {"logits"} (+ "extra": hidden states when distilling them); ``kd_on``
-  scales the distillation terms (0 for the in-place teacher itself); ``hidden_scale`` (the
-  phase's) scales the hidden-state terms further."""
+  ``teacher``: None, or {"logits"} (+ "extra": hidden states, + "features": {layer: output},
+  when distilling them); ``adapters``: feature distillation's ({} without it); ``kd_on`` scales
+  the distillation terms (0 for the in-place teacher itself); ``hidden_scale`` (the phase's)
+  scales the hidden-state terms further."""
   if opts.dtype != jnp.float32:
     params = precision.cast_params(params, batch_stats, opts.dtype)
   if jnp.issubdtype(inputs.dtype, jnp.floating):  # token ids keep their integer type
     inputs = inputs.astype(opts.dtype)
   with precision.policy(opts.dtype, batch_stats):
-    out, updates = model.apply({"params": params, "batch_stats": batch_stats}, inputs, arch,
-                               train=True, mutable=["batch_stats"], rngs={"dropout": key},
-                               **({"return_hidden": True} if opts.hidden else {}))
+    (out, features), updates = feature_distill.apply_with_features(
+        model, {"params": params, "batch_stats": batch_stats}, inputs, arch, opts.features,
+        train=True, mutable=["batch_stats"], rngs={"dropout": key},
+        **({"return_hidden": True} if opts.hidden else {}))
   logits, extra = out if opts.hidden else (out, None)
   logits = logits.astype(jnp.float32)
   loss = ce_weight * losses.cross_entropy(logits, labels, opts.label_smoothing)
@@ -77,7 +83,12 @@ def subnet_loss(model, opts: LossOptions, params, batch_stats, arch, inputs, lab
       hidden_loss, embed_loss = losses.hidden_state_mse(extra, teacher["extra"])
       hidden = opts.hidden_weight * hidden_loss + opts.embedding_weight * embed_loss
       loss = loss + kd_on * hidden_scale * hidden
-  return loss, ((logits, extra), updates.get("batch_stats", batch_stats))
+  feature = jnp.float32(0.0)
+  if opts.features:
+    features = {k: v.astype(jnp.float32) for k, v in features.items()}
+    feature = feature_distill.feature_loss(adapters, features, teacher["features"])
+    loss = loss + kd_on * opts.feature_weight * feature
+  return loss, ((logits, extra), updates.get("batch_stats", batch_stats), feature)
 
 
 def _empty_teacher_slot(model, opts: LossOptions, state: TrainState, inputs, largest) -> dict:
@@ -98,39 +109,44 @@ def accumulate_subnets(grad_fn: Callable, opts: LossOptions, state: TrainState, 
   subnet, one copy of forward + backward in the compiled step); subnets beyond ``num_subnets``
   are skipped with ``lax.cond`` (``phase``: the phase's data). ``unrolled``: one inlined copy
   per subnet and no control flow, subnets beyond ``num_subnets`` computed and discarded (see
-  ``SUBNET_LOOPS``). Returns (grads, batch_stats, summed loss, subnet 0's loss)."""
+  ``SUBNET_LOOPS``). Gradients are (params', adapters') ({} adapters without feature
+  distillation). Returns (grads, batch_stats, summed loss, subnet 0's loss, summed feature
+  MSE)."""
+  adapters = getattr(state, "adapters", {})
 
   def body(carry, xs):
     arch, key, i = xs
 
     def run(carry):
-      grads, batch_stats, total, first_loss, slot = carry
+      grads, batch_stats, total, first_loss, slot, feature_total = carry
       if opts.inplace:  # subnet 0 learns from the labels, the others from its output
         teacher, weight = slot, jnp.where(i == 0, 0.0, 1.0)
         ce_weight = jnp.where(i == 0, 1.0, opts.inplace_ce_weight)
       else:
         ce_weight = opts.teacher_ce_weight if external_teacher is not None else 1.0
         teacher, weight = external_teacher, 1.0
-      (loss, ((logits, extra), batch_stats)), g = grad_fn(
-          state.params, batch_stats, arch, inputs, labels, teacher, ce_weight, weight,
+      (loss, ((logits, extra), batch_stats, feature)), g = grad_fn(
+          state.params, adapters, batch_stats, arch, inputs, labels, teacher, ce_weight, weight,
           phase["hidden_scale"], key)
       if opts.inplace:
         new = {"logits": logits, **({"extra": extra} if opts.hidden else {})}
         slot = jax.tree.map(lambda n, o: jnp.where(i == 0, jax.lax.stop_gradient(n), o),
                             new, slot)
       first_loss = jnp.where(i == 0, loss, first_loss)
-      return jax.tree.map(jnp.add, grads, g), batch_stats, total + loss, first_loss, slot
+      return (jax.tree.map(jnp.add, grads, g), batch_stats, total + loss, first_loss, slot,
+              feature_total + feature)
 
     if unrolled:
       on = i < phase["num_subnets"]
       return jax.tree.map(lambda n, o: jnp.where(on, n, o), run(carry), carry), None
     return jax.lax.cond(i < phase["num_subnets"], run, lambda c: c, carry), None
 
-  init = (jax.tree.map(jnp.zeros_like, state.params), state.batch_stats, jnp.float32(0.0),
-          jnp.float32(0.0), teacher_slot)
+  init = (jax.tree.map(jnp.zeros_like, (state.params, adapters)), state.batch_stats,
+          jnp.float32(0.0), jnp.float32(0.0), teacher_slot, jnp.float32(0.0))
   xs = (archs, keys, jnp.arange(keys.shape[0]))
-  (grads, batch_stats, total, first_loss, _), _ = jax.lax.scan(body, init, xs, unroll=unrolled)
-  return grads, batch_stats, total, first_loss
+  (grads, batch_stats, total, first_loss, _, feature_total), _ = jax.lax.scan(
+      body, init, xs, unroll=unrolled)
+  return grads, batch_stats, total, first_loss, feature_total
 
 
 # How the step runs its subnets. "scan": a lax.scan with a lax.cond per subnet (one copy of the
@@ -152,13 +168,23 @@ def unroll_subnets(config) -> bool:
   return loop == "unrolled"
 
 
-def apply_update(tx, state: TrainState, grads, batch_stats) -> TrainState:
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  return state.replace(params=optax.apply_updates(state.params, updates),
-                       batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1)
+def apply_update(tx, state: TrainState, grads, batch_stats, adapter_tx=None) -> TrainState:
+  """One update of the parameters (``grads``: (params', adapters')), and of the adapters by
+  their own optimizer when the state has them (``ofajax.workdir.DistillState``)."""
+  param_grads, adapter_grads = grads
+  updates, opt_state = tx.update(param_grads, state.opt_state, state.params)
+  state = state.replace(params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state, step=state.step + 1)
+  if adapter_tx is None:
+    return state
+  updates, adapter_opt_state = adapter_tx.update(adapter_grads, state.adapter_opt_state,
+                                                 state.adapters)
+  return state.replace(adapters=optax.apply_updates(state.adapters, updates),
+                       adapter_opt_state=adapter_opt_state)
 
 
-def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, mesh=None):
+def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, mesh=None,
+                    adapter_tx=None):
   """The jitted step ``(state, inputs, labels, phase, resolution=) -> (state, metrics)``.
 
   Runs up to ``max_subnets`` subnets on the same batch and applies one update with the summed
@@ -166,7 +192,9 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, me
   rest random), otherwise all are random from the phase's space. With in-place distillation
   subnet 0 learns from the labels and the others from its detached output (plus
   ``inplace_ce_weight`` x the labels); with an external ``teacher`` (inputs -> {"logits", ...})
-  every subnet learns from the labels and the teacher.
+  every subnet learns from the labels and the teacher, and with ``config.distill_features``
+  also from its intermediate features (the state is then a ``DistillState``, its adapters
+  updated by ``adapter_tx``).
 
   With a ``mesh`` the step takes the state and phase replicated and inputs / labels split over
   its "data" axis (global arrays placed by ``ofajax.distributed``) and returns the state
@@ -174,7 +202,8 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, me
   of the global batch.
   """
   opts = LossOptions.from_config(config)
-  grad_fn = jax.value_and_grad(functools.partial(subnet_loss, model, opts), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(subnet_loss, model, opts), argnums=(0, 1),
+                               has_aux=True)
   unrolled = unroll_subnets(config)
 
   def step(state: TrainState, inputs, labels, phase, resolution: int):
@@ -185,12 +214,14 @@ def make_train_step(model, space, config, tx, max_subnets: int, teacher=None, me
     arch_key, drop_key = jax.random.split(key)
     archs = sample_archs(space, arch_key, phase, max_subnets)
     slot = _empty_teacher_slot(model, opts, state, inputs, phase["largest"])
-    grads, batch_stats, total, first_loss = accumulate_subnets(
+    grads, batch_stats, total, first_loss, feature_total = accumulate_subnets(
         grad_fn, opts, state, inputs, labels, archs, jax.random.split(drop_key, max_subnets),
         phase, None if teacher is None else teacher(inputs), slot, unrolled)
     metrics = {"loss": total / phase["num_subnets"], "loss_largest": first_loss,
-               "grad_norm": optax.tree.norm(grads)}
-    return apply_update(tx, state, grads, batch_stats), metrics
+               "grad_norm": optax.tree.norm(grads[0])}
+    if opts.features:
+      metrics["feature"] = feature_total / phase["num_subnets"]
+    return apply_update(tx, state, grads, batch_stats, adapter_tx), metrics
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0, static_argnames="resolution")

@@ -54,6 +54,23 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+@flax.struct.dataclass
+class DistillState(TrainState):
+  """A :class:`TrainState` that also carries feature distillation's adapters (trained, so
+  checkpointed) and their own optimizer state. Only runs that distil features use it: every
+  other workdir keeps TrainState's checkpoint layout and resumes as before."""
+  adapters: Any            # {layer: {"kernel", "bias"}} (see ofajax.feature_distill)
+  adapter_opt_state: Any
+
+
+def add_adapters(state: TrainState, adapters: dict, tx_factory: Callable) -> DistillState:
+  """``state`` with ``adapters`` and a fresh state of their optimizer, ``tx_factory(adapters)``
+  (the model's recipe: an optimizer built for the params could not take the adapters' tree)."""
+  fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)}
+  return DistillState(**fields, adapters=adapters,
+                      adapter_opt_state=tx_factory(adapters).init(adapters))
+
+
 def new_state(variables: dict, opt_state, rng: jax.Array, step: int = 0) -> TrainState:
   """A :class:`TrainState` from model variables, an optimizer state and a typed PRNG key."""
   return TrainState(step=jnp.int32(step), params=variables["params"],

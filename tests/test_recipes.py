@@ -174,18 +174,19 @@ def test_inplace_slots_and_loss_inside_the_step():
                                       "kd_temperature": 1.0, "distill": "inplace"})
   opts = train_step.LossOptions.from_config(config)
 
-  def fake_grad_fn(params, batch_stats, arch, inputs, labels, teacher, ce_weight, kd_on,
-                   hidden_scale, key):
+  def fake_grad_fn(params, adapters, batch_stats, arch, inputs, labels, teacher, ce_weight,
+                   kd_on, hidden_scale, key):
     logits = jnp.full((2, 3), 10.0 * (arch["id"] + 1))
     loss = 1000.0 * ce_weight + kd_on * teacher["logits"][0, 0]
-    return (loss, ((logits, None), batch_stats)), jax.tree.map(jnp.zeros_like, params)
+    return ((loss, ((logits, None), batch_stats, jnp.float32(0.0))),
+            jax.tree.map(jnp.zeros_like, (params, adapters)))
 
   state = training.TrainState(step=jnp.int32(0), params={"w": jnp.ones(2)}, batch_stats={},
                               opt_state=(), rng=jnp.zeros(2, jnp.uint32))
   phase = {"num_subnets": jnp.int32(3), "hidden_scale": jnp.float32(1.0)}
   archs = {"id": jnp.arange(4)}
   slot = {"logits": jnp.zeros((2, 3))}
-  _, _, total, first = train_step.accumulate_subnets(
+  _, _, total, first, _ = train_step.accumulate_subnets(
       fake_grad_fn, opts, state, None, None, archs, jax.random.split(jax.random.key(0), 4),
       phase, None, slot)
   # slot 0: 1000 (labels); slots 1, 2: slot 0's logits (10) each; slot 3 is skipped.
@@ -203,9 +204,9 @@ def test_subnet_loss_is_cross_entropy_plus_weighted_distillation():
   opts = train_step.LossOptions.from_config(config)
   arch = space.smallest()
   loss_fn = jax.jit(lambda v, a: train_step.subnet_loss(
-      model, opts, v["params"], v["batch_stats"], a, x, y, teacher, 1.0, 1.0, 1.0,
+      model, opts, v["params"], {}, v["batch_stats"], a, x, y, teacher, 1.0, 1.0, 1.0,
       jax.random.key(3)))
-  loss, ((logits, _), _) = loss_fn(variables, arch)
+  loss, ((logits, _), _, _) = loss_fn(variables, arch)
   want = (losses.cross_entropy(logits, y, 0.1)
           + 0.7 * losses.distillation(logits, teacher["logits"], 2.0))
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
