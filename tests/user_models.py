@@ -139,21 +139,29 @@ MODELS = {
 
 
 class DigitsCNN(nn.Module):
-  """The end-to-end test's plain CNN for 8x8 digits."""
+  """The end-to-end test's plain CNN for 8x8 digits (``widths``: a pruned one's are smaller)."""
+  widths: tuple[int, int, int] = (16, 32, 32)
+
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu(nn.BatchNorm(not train)(nn.Conv(16, (3, 3), use_bias=False)(x)))
-    x = nn.relu(nn.BatchNorm(not train)(nn.Conv(32, (3, 3), (2, 2), use_bias=False)(x)))
-    x = nn.relu(nn.Dense(32)(jnp.mean(x, axis=(1, 2))))
+    a, b, c = self.widths
+    x = nn.relu(nn.BatchNorm(not train)(nn.Conv(a, (3, 3), use_bias=False)(x)))
+    x = nn.relu(nn.BatchNorm(not train)(nn.Conv(b, (3, 3), (2, 2), use_bias=False)(x)))
+    x = nn.relu(nn.Dense(c)(jnp.mean(x, axis=(1, 2))))
     return nn.Dense(10)(x)
 
 
 def digits_cnn(weights: str = ""):
   """A factory as ``config.model_options.factory`` names it: (module, sample input, trained
-  variables read from ``weights``, a flax msgpack file, when given)."""
-  module, sample = DigitsCNN(), jnp.zeros((1, 8, 8, 1))
+  variables read from ``weights``, a flax msgpack file, when given). The module is built at the
+  weights' widths, so a pruned DigitsCNN (``ofajax.prune``) loads too."""
+  sample = jnp.zeros((1, 8, 8, 1))
   if not weights:
-    return module, sample
-  template = module.init(jax.random.key(0), sample)
+    return DigitsCNN(), sample
   with open(weights, "rb") as f:
-    return module, sample, flax.serialization.from_bytes(template, f.read())
+    variables = flax.serialization.msgpack_restore(f.read())
+  params = variables["params"]
+  widths = tuple(int(params[n]["kernel"].shape[-1]) for n in ("Conv_0", "Conv_1", "Dense_0"))
+  module = DigitsCNN(widths)
+  template = module.init(jax.random.key(0), sample)
+  return module, sample, flax.serialization.from_state_dict(template, variables)
