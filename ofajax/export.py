@@ -8,7 +8,11 @@ model with ``jax.export`` so it can be served by plain JAX, without ofajax.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+from jax.extend.mlir import ir, passmanager
+from jax.extend.mlir.dialects import stablehlo
 
 from ofajax.models.base import Supernet
 
@@ -35,10 +39,29 @@ def save_stablehlo(dense_model, dense_variables: dict, path: str, resolution: in
   if in_channels is not None and spec.kind == "image" and int(in_channels) != spec.channels:
     raise ValueError(f"in_channels={in_channels}, but the model reads {spec.channels} channels")
   batch = jax.export.symbolic_shape("batch")[0]
-  exported = jax.export.export(jax.jit(forward))(spec.struct(resolution, batch))
+  exported = strip_locations(jax.export.export(jax.jit(forward))(spec.struct(resolution, batch)))
   with open(path, "wb") as f:
     f.write(exported.serialize())
   return exported
+
+
+def strip_locations(exported: jax.export.Exported) -> jax.export.Exported:
+  """``exported`` without the source locations of its ops.
+
+  jax.export records, for every op, the Python traceback of the code that traced it (file,
+  line, function; ``jax_include_full_tracebacks_in_locations`` is on by default) and the op's
+  name stack. Nothing that loads or runs the artifact reads them, and they were 6-12% of the
+  default workdir's artifacts (docs/deployment.md). The module is re-serialized at the
+  StableHLO version jax.export itself targets (4 weeks of backward compatibility).
+  """
+  with ir.Context() as context:
+    stablehlo.register_dialect(context)
+    module = stablehlo.deserialize_portable_artifact(context, exported.mlir_module_serialized)
+    passmanager.PassManager.parse("builtin.module(strip-debuginfo)").run(module.operation)
+    version = stablehlo.get_version_from_compatibility_requirement(
+        stablehlo.StablehloCompatibilityRequirement.WEEK_4)
+    serialized = stablehlo.serialize_portable_artifact(module, version)
+  return dataclasses.replace(exported, mlir_module_serialized=serialized)
 
 
 def load_stablehlo(path: str):
