@@ -4,8 +4,8 @@
 
 Per file: its size; the serialized module in it (the rest is jax.export's calling convention:
 shapes, tree structure, platforms); of the module, the constants' payload per element type
-(the weights, BN and scales baked in), the source locations (what ``export.strip_locations``
-removes: the module's size with and without them), and the program (ops, types, attributes:
+(the weights, BN and scales baked in), the source locations (what ``export.compact``
+removes first: the module's size with and without them), and the program (ops, types, attributes:
 the remainder); the op count and the most frequent ops.
 """
 
@@ -23,12 +23,13 @@ from jax.extend.mlir.dialects import stablehlo
 from ofajax import export
 
 
+
 def breakdown(path: str) -> dict:
   with open(path, "rb") as f:
     data = f.read()
   exported = jax.export.deserialize(bytearray(data))
   module_bytes = len(exported.mlir_module_serialized)
-  located = module_bytes - len(export.strip_locations(exported).mlir_module_serialized)
+  located = module_bytes - len(export.run_passes(exported, "strip-debuginfo").mlir_module_serialized)
   constants, ops = collections.Counter(), collections.Counter()
   with ir.Context() as context:
     stablehlo.register_dialect(context)
