@@ -8,16 +8,17 @@ What is quantized, and how:
 
 * **Weights.** Every ``kernel`` (conv HWIO, dense [in, out]) is stored as int8 in [-127, 127]
   with one float32 scale per output channel (symmetric: scale = the channel's largest |weight| /
-  127, ``qwix.quantize``), also in the StableHLO artifact. Biases, BatchNorm and other
-  parameters stay float32 (on the default workdir's small subnets, a quarter of the int8
-  model's variable bytes).
+  127, ``qwix.quantize``), also in the StableHLO artifact. First, each eval-mode BatchNorm
+  that follows a conv is folded into its kernel (:func:`fold_batchnorm`): what remains of it is
+  one float32 bias per channel. Biases and other parameters stay float32.
 * **Ops.** Qwix's ``QtProvider`` intercepts the convs and dots of the modules that own a kernel
   and runs them as int8 x int8 -> int32 (``stablehlo.convolution`` / ``dot_general`` on i8),
   rescaled to float32. Depthwise convs ([k, k, 1, C] kernels) run in float32 on their
   dequantized int8 kernels by default (``depthwise="float"``: XLA:CPU's grouped convs are slow,
-  see :data:`DEPTHWISE`), or as int8 XLA grouped convs (``depthwise="int8"``). BatchNorm,
-  activations, pooling, SE's gating product and residual additions stay float32; so do the
-  attention products of transformers (activation x activation).
+  see :data:`DEPTHWISE`), or as int8 XLA grouped convs (``depthwise="int8"``). Folded BNs'
+  bias additions, BatchNorms that could not be folded, activations, pooling, SE's gating
+  product and residual additions stay float32; so do the attention products of transformers
+  (activation x activation).
 * **Activations.** ``"static"`` (default): each quantized op's input is quantized per tensor
   with a fixed symmetric range, the largest absolute value it reached on the calibration
   batches (a few training batches), given to Qwix as ``act_calibration_method="fixed,-r,r"``.
