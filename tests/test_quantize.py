@@ -165,16 +165,19 @@ def test_folding_batchnorm_keeps_the_float_logits(largest, folded, setup):
   assert len(paths) == _bn_count(variables) > 10 and "batch_stats" not in folded
   assert not any(p[-1].key == "scale" for p, _ in jax.tree_util.tree_leaves_with_path(
       folded["params"]))
-  want = model.apply(variables, x, train=False)
-  with quantize.folded_batchnorm(paths):
-    got = model.apply(folded, x, train=False)
+  @jax.jit  # eager, the model takes ~20 s per call here
+  def both(x):
+    with quantize.folded_batchnorm(paths):
+      return model.apply(variables, x, train=False), model.apply(folded, x, train=False)
+
+  want, got = both(x)
   assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
   # the statistics were not trivial: the kernels did change
   k = ("stage0_block0", "depthwise", "kernel")
   assert not np.allclose(folded["params"][k[0]][k[1]][k[2]], variables["params"][k[0]][k[1]][k[2]])
   # without folded_batchnorm the folded variables are not a model: the BN statistics are gone
   with pytest.raises(errors.ScopeCollectionNotFound):
-    model.apply(folded, x, train=False)
+    jax.eval_shape(lambda x: model.apply(folded, x, train=False), x)
   # folding leaves the int8 kernels as they were (per-channel absmax absorbs a per-channel
   # factor; a negative BN scale flips the signs), only the scales change
   for path, q in jax.tree_util.tree_leaves_with_path(
