@@ -167,8 +167,9 @@ def test_folding_batchnorm_keeps_the_float_logits(largest, folded, setup):
       folded["params"]))
   @jax.jit  # eager, the model takes ~20 s per call here
   def both(x):
+    want = model.apply(variables, x, train=False)
     with quantize.folded_batchnorm(paths):
-      return model.apply(variables, x, train=False), model.apply(folded, x, train=False)
+      return want, model.apply(folded, x, train=False)
 
   want, got = both(x)
   assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
