@@ -3,8 +3,10 @@
 For each ``<workdir>/search/<name>/subnets/<label>/`` the float subnet is read back (orbax
 variables + arch.json), quantized with :func:`ofajax.quantize.quantize` (activation ranges from
 the search's own calibration batches: its config.json's calib split, batch size, count and seed),
-and both are saved as StableHLO and loaded back with :func:`ofajax.export.load_stablehlo`: what
-is measured is what a server runs. Top-1 on the training run's test split; latency of the jitted
+and both are saved as StableHLO (the float one again, as the search saves it: both files then
+come from this exporter, whichever version wrote the search's) and loaded back with
+:func:`ofajax.export.load_stablehlo`: what is measured is what a server runs. Each file's bytes
+are broken down as ``bench/artifact_bytes.py`` does. Top-1 on the training run's test split; latency of the jitted
 artifacts at each ``--batch``, warmed up, the two models alternating round by round (median over
 rounds of the mean time per call within a round).
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -29,6 +32,9 @@ import orbax.checkpoint as ocp
 from ofajax import evaluation, export, quantize
 from ofajax.search.int8 import top1
 from ofajax.workdir import load_supernet
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from artifact_bytes import breakdown  # noqa: E402  (a sibling script, not a package)
 
 
 def main():
@@ -79,8 +85,9 @@ def measure(sup, path: str, search_config: dict, tmp: str, args) -> dict:
       train.dataset, search_config["calib_split"] or train.train_split, train.data_dir or None,
       search_config["calib_batch_size"], search_config["calib_batches"],
       search_config["seed"] + 1, resolution)
-  files = {"float32": os.path.join(path, "model.stablehlo"),
-           "int8": os.path.join(tmp, os.path.basename(path) + ".int8.stablehlo")}
+  files = {k: os.path.join(tmp, f"{os.path.basename(path)}.{k}.stablehlo")
+           for k in ("float32", "int8")}
+  export.save_stablehlo(model, variables, files["float32"], resolution)
   quantize.save_stablehlo(quantize.quantize(model, variables, calib, depthwise=args.depthwise),
                           files["int8"], resolution)
   fns = {k: jax.jit(export.load_stablehlo(f)) for k, f in files.items()}
@@ -91,6 +98,7 @@ def measure(sup, path: str, search_config: dict, tmp: str, args) -> dict:
                                          resolution)
     out[f"{k}_test_top1"] = top1(fn, batches)
     out[f"{k}_bytes"] = os.path.getsize(files[k])
+    out[f"{k}_breakdown"] = breakdown(files[k])
   out["top1_drop_points"] = 100 * (out["float32_test_top1"] - out["int8_test_top1"])
   out["size_ratio"] = out["int8_bytes"] / out["float32_bytes"]
   x = calib.reshape(-1, *calib.shape[2:])

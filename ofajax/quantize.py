@@ -8,16 +8,17 @@ What is quantized, and how:
 
 * **Weights.** Every ``kernel`` (conv HWIO, dense [in, out]) is stored as int8 in [-127, 127]
   with one float32 scale per output channel (symmetric: scale = the channel's largest |weight| /
-  127, ``qwix.quantize``), also in the StableHLO artifact. Biases, BatchNorm and other
-  parameters stay float32 (on the default workdir's small subnets, a quarter of the int8
-  model's variable bytes).
+  127, ``qwix.quantize``), also in the StableHLO artifact. First, each eval-mode BatchNorm
+  that follows a conv is folded into its kernel (:func:`fold_batchnorm`): what remains of it is
+  one float32 bias per channel. Biases and other parameters stay float32.
 * **Ops.** Qwix's ``QtProvider`` intercepts the convs and dots of the modules that own a kernel
   and runs them as int8 x int8 -> int32 (``stablehlo.convolution`` / ``dot_general`` on i8),
   rescaled to float32. Depthwise convs ([k, k, 1, C] kernels) run in float32 on their
   dequantized int8 kernels by default (``depthwise="float"``: XLA:CPU's grouped convs are slow,
-  see :data:`DEPTHWISE`), or as int8 XLA grouped convs (``depthwise="int8"``). BatchNorm,
-  activations, pooling, SE's gating product and residual additions stay float32; so do the
-  attention products of transformers (activation x activation).
+  see :data:`DEPTHWISE`), or as int8 XLA grouped convs (``depthwise="int8"``). Folded BNs'
+  bias additions, BatchNorms that could not be folded, activations, pooling, SE's gating
+  product and residual additions stay float32; so do the attention products of transformers
+  (activation x activation).
 * **Activations.** ``"static"`` (default): each quantized op's input is quantized per tensor
   with a fixed symmetric range, the largest absolute value it reached on the calibration
   batches (a few training batches), given to Qwix as ``act_calibration_method="fixed,-r,r"``.
@@ -43,11 +44,13 @@ functions are inlined into the caller's trace; the caller still compiles as a wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +90,7 @@ class Int8Model:
   variables: dict
   ranges: dict | None
   qwix_model: nn.Module
+  folded: frozenset = frozenset()  # the BatchNorms folded into kernels (fold_batchnorm)
 
   @property
   def input_spec(self):
@@ -95,7 +99,8 @@ class Int8Model:
   def apply(self, variables: dict, x, train: bool = False):
     if train:
       raise ValueError("an int8 model only runs inference (train=False)")
-    return self.qwix_model.apply(dequantize_kernels(variables), x, train=False)
+    with folded_batchnorm(self.folded):
+      return self.qwix_model.apply(dequantize_kernels(variables), x, train=False)
 
   def __call__(self, x):
     return self.apply(self.variables, x)
@@ -111,12 +116,15 @@ class Int8Model:
 
 
 def quantize(dense_model: nn.Module, dense_variables: dict, calib_inputs=None, *,
-             activations: str = "static", depthwise: str = "float") -> Int8Model:
+             activations: str = "static", depthwise: str = "float",
+             fold_bn: bool = True) -> Int8Model:
   """``dense_model`` with int8 kernels and int8 conv / dense ops (see the module docstring).
 
   ``calib_inputs``: [num_batches, batch, ...] model inputs (``evaluation.calibration_inputs``
   gives them) that set the static activation ranges; not needed for ``"dynamic"``.
   ``depthwise``: how convs with one input channel per kernel run, see :data:`DEPTHWISE`.
+  ``fold_bn``: fold eval-mode BatchNorms into the kernels before quantizing
+  (:func:`fold_batchnorm`; needs ``calib_inputs``, without them nothing is folded).
   """
   if activations not in ACTIVATIONS:
     raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
@@ -128,15 +136,19 @@ def quantize(dense_model: nn.Module, dense_variables: dict, calib_inputs=None, *
     raise ValueError(f"{type(dense_model).__name__} has no conv or dense kernel to quantize "
                      "(no 'kernel' parameter of 2 or more dimensions)")
   model = _quantizable(dense_model) if depthwise == "int8" else dense_model
+  if activations == "static" and calib_inputs is None:
+    raise ValueError("static activation ranges need calib_inputs ([num_batches, batch, ...] "
+                     "training inputs), or use activations='dynamic'")
+  calib = None if calib_inputs is None else _check_calib(model, calib_inputs)
+  variables, folded = dense_variables, frozenset()
+  if fold_bn and calib is not None:
+    variables, folded = fold_batchnorm(model, dense_variables, calib[0])
   ranges = None
   if activations == "static":
-    if calib_inputs is None:
-      raise ValueError("static activation ranges need calib_inputs ([num_batches, batch, ...] "
-                       "training inputs), or use activations='dynamic'")
-    ranges = activation_ranges(model, dense_variables, _check_calib(model, calib_inputs), owners)
+    ranges = activation_ranges(model, variables, calib, owners, folded)
   provider = qwix.QtProvider(_rules(owners, ranges), disable_jit=True)
-  return Int8Model(model, {**dense_variables, "params": quantize_kernels(
-      dense_variables["params"])}, ranges, qwix.quantize_model(model, provider))
+  return Int8Model(model, {**variables, "params": quantize_kernels(variables["params"])},
+                   ranges, qwix.quantize_model(model, provider), folded)
 
 
 def save_stablehlo(qmodel: Int8Model, path: str, resolution: int) -> jax.export.Exported:
@@ -208,6 +220,117 @@ def dequantize_kernels(variables: dict):
                       variables, is_leaf=lambda v: isinstance(v, qwix.QArray))
 
 
+# --------------------------------------------------------------------------- BatchNorm folding
+
+
+def fold_batchnorm(model: nn.Module, variables: dict, x) -> tuple[dict, frozenset]:
+  """``(folded variables, folded BN paths)``: each eval-mode ``nn.BatchNorm`` over the last axis
+  whose input is the very output of a kernel-owning module's method (a conv or dense layer; a
+  ConvBN's conv) folded into that kernel. Run the model with the result inside
+  ``folded_batchnorm(paths)``.
+
+  Eval-mode BN is per channel ``(y - mean) * s + beta`` with ``s = scale / sqrt(var + eps)``,
+  and ``y`` is linear in the kernel's output channels: the kernel (and a bias of its own) is
+  multiplied by ``s`` and the BN becomes ``+ (beta - mean * s)``. Why: the int8 artifact then
+  stores one float per channel instead of four (scale, bias, mean, var) and runs no BN ops.
+  Per-channel weight quantization is unchanged by a per-channel factor (the int8 values stay
+  the same, the scales absorb it). The pairing is found by tracing ``model`` on ``x`` (one
+  batch) and checked on it: a folded model whose float outputs differ beyond round-off (a
+  producer whose output also feeds something other than its BN, say) is refused.
+  """
+  pairs = _bn_producers(model, variables, x)
+  if not pairs:
+    return variables, frozenset()
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  stats = traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/")
+  for bn, (owner, epsilon) in pairs.items():
+    # in float64, so that the folded kernel is the exact product rounded once
+    mean, var = (np.asarray(stats.pop(f"{bn}/{k}"), np.float64) for k in ("mean", "var"))
+    scale = np.asarray(params.pop(f"{bn}/scale", 1.0), np.float64)
+    s = scale / np.sqrt(var + epsilon)
+    bias = np.asarray(params.get(f"{bn}/bias", 0.0), np.float64) - mean * s
+    params[f"{bn}/bias"] = jnp.asarray(bias, jnp.float32)
+    for name in ("kernel", "bias"):
+      if f"{owner}/{name}" in params:  # scaled along the output channels (the last axis)
+        params[f"{owner}/{name}"] = jnp.asarray(
+            np.asarray(params[f"{owner}/{name}"], np.float64) * s, jnp.float32)
+  folded = {**variables, "params": traverse_util.unflatten_dict(params, sep="/"),
+            "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
+  if not folded["batch_stats"]:
+    del folded["batch_stats"]
+  paths = frozenset(pairs)
+  _check_folded(model, variables, folded, paths, x)
+  return folded, paths
+
+
+@contextlib.contextmanager
+def folded_batchnorm(paths: frozenset):
+  """Inside: the ``nn.BatchNorm`` modules at ``paths`` add their (folded) ``bias`` and do
+  nothing else: their scale and statistics are in the kernel before them."""
+  def add_bias(next_fun, args, kwargs, context):
+    module = context.module
+    if (paths and isinstance(module, nn.BatchNorm) and context.method_name == "__call__"
+        and "/".join(module.scope.path) in paths):
+      return args[0] + module.get_variable("params", "bias")
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(add_bias):
+    yield
+
+
+def _bn_producers(model: nn.Module, variables: dict, x) -> dict:
+  """{BN path: (path of the module whose kernel produced its input, BN epsilon)}."""
+  produced = {}  # id(output) -> (owner path, output): the output is kept so ids stay unique
+  pairs = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if module.scope is None:
+      return out
+    path = "/".join(module.scope.path)
+    if isinstance(module, nn.BatchNorm):
+      source = produced.get(id(args[0]))
+      mode = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+      eval_mode = module.use_running_average if mode is None else mode
+      if (source is not None and source[1] is args[0] and eval_mode is True
+          and kwargs.get("mask") is None and module.axis in (-1, args[0].ndim - 1)):
+        pairs[path] = (source[0], module.epsilon)
+    elif module.has_variable("params", "kernel") and isinstance(out, jax.Array):
+      produced[id(out)] = (path, out)
+    return out
+
+  def trace(x):
+    with nn.intercept_methods(record):
+      return model.apply(variables, x, train=False)
+
+  jax.eval_shape(trace, x)
+  # a kernel feeding two BNs cannot take both factors
+  owners = [owner for owner, _ in pairs.values()]
+  return {bn: p for bn, p in pairs.items() if owners.count(p[0]) == 1}
+
+
+def _check_folded(model, variables, folded, paths, x) -> None:
+  """The folded model's outputs are the model's, to float32 round-off, on ``x``."""
+  # Depthwise convs as single XLA ops: the same function, which compiles in 2/3 of the time of
+  # the shifted multiply-adds (this check runs for every model quantized, in search too).
+  model = _quantizable(model)
+
+  @jax.jit
+  def both(x):
+    want = model.apply(variables, x, train=False)
+    with folded_batchnorm(paths):
+      return want, model.apply(folded, x, train=False)
+
+  want, got = both(x)
+  err = float(jnp.max(jnp.abs(got - want)))
+  bound = 1e-4 * max(float(jnp.max(jnp.abs(want))), 1e-6)
+  if not err <= bound:
+    raise ValueError(f"folding {type(model).__name__}'s BatchNorms into the kernels changed its "
+                     f"float outputs by {err:.3g} (> {bound:.3g}): some producer's output is "
+                     "used elsewhere too; quantize with fold_bn=False")
+
+
 # --------------------------------------------------------------------------- activations
 
 
@@ -236,9 +359,11 @@ def _check_calib(model: nn.Module, calib_inputs) -> jax.Array:
   return jnp.asarray(x)
 
 
-def activation_ranges(model: nn.Module, variables: dict, calib_inputs, owners) -> dict:
+def activation_ranges(model: nn.Module, variables: dict, calib_inputs, owners,
+                      folded: frozenset = frozenset()) -> dict:
   """{module path: largest |input| over ``calib_inputs``} for the modules in ``owners``: the
-  static range of the int8 op each applies to its input (a conv or dense layer)."""
+  static range of the int8 op each applies to its input (a conv or dense layer). ``folded``:
+  the BatchNorms :func:`fold_batchnorm` folded into ``variables``."""
   wanted = frozenset(owners)
 
   def observe(next_fun, args, kwargs, context):
@@ -250,7 +375,7 @@ def activation_ranges(model: nn.Module, variables: dict, calib_inputs, owners) -
 
   @jax.jit
   def batch_ranges(x):
-    with nn.intercept_methods(observe):
+    with folded_batchnorm(folded), nn.intercept_methods(observe):
       _, sown = model.apply(variables, x, train=False, mutable=[_RANGES])
     return sown[_RANGES]
 
