@@ -39,7 +39,7 @@ def test_pruned_baseline_matches_macs_and_finetune_recovers(trained_workdir, tmp
   variables = jax.device_get(sup.variables)
   ranked = channel_sorting.sort_channels(model, variables)
   pruned = bench.test_top1(model, ranked, arch, sup.config, SEARCH)
-  config = bench.finetune_config(sup.config, workdir, model, arch, epochs=1.0,
+  config = bench.finetune_config(sup.config, workdir, model, arch, epochs=0.5,
                                  learning_rate=0.05)
   tuned = bench.finetune(config, str(tmp_path / "finetune"))
   finetuned = bench.test_top1(model, tuned, arch, sup.config, SEARCH)
