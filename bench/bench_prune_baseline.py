@@ -16,7 +16,9 @@ config.json's calibration split, batch size, batch count and seed):
   network (``distill="teacher"``). The teacher is the trained workdir's largest subnet with its
   BN statistics calibrated for it (:func:`teacher_workdir`): a sandwich-trained supernet's
   stored running statistics average every subnet it sampled, and the default workdir's largest
-  scores 47% on test with them (97% calibrated); ``load_teacher`` uses the stored ones.
+  scores 47% on test with them (97% calibrated). ``load_teacher`` now calibrates any teacher
+  (on the student config's ``eval.calib_*`` batches); this bench calibrates its teacher as the
+  search calibrates, which is how the committed results were measured.
 
 MACs matching. CompOFA's space ties the expand ratio to depth, so a full-depth network has no
 narrower choice: pruning works in OFA's space over the same layers with every integer expand

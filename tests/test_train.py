@@ -14,10 +14,10 @@ import pytest
 
 from configs import default
 from conftest import tiny_config, trained_config
-from ofajax import data, losses, models
+from ofajax import data, evaluation, losses, models, starting_weights
 from ofajax import optimizer, train_step
 from ofajax import train as training
-from ofajax.workdir import Checkpoints, abstract_like, build_model, init_state
+from ofajax.workdir import Checkpoints, abstract_like, build_model, init_state, load_supernet
 from ofajax.phases import Phase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +103,26 @@ def test_one_compile_across_three_phases_and_20_steps():
   # resolution is the only static input: another size is one more compile (images resized)
   state, metrics = step(state, x, y, phases[2].as_data(), resolution=6)
   assert step._cache_size() == 2 and np.isfinite(float(metrics["loss"]))
+
+
+def test_teacher_bn_statistics_are_calibrated_as_evaluation_calibrates(data_dir, trained_workdir):
+  """A sandwich-trained supernet's stored BN statistics average every sampled subnet; the
+  teacher is its largest network as evaluation scores it: calibrated on the same batches."""
+  config = trained_config(data_dir)
+  teacher = load_supernet(trained_workdir[0])
+  calibrated = starting_weights.calibrated_teacher(teacher, config)["batch_stats"]
+  evaluator = evaluation.make_evaluator(
+      teacher.model, teacher.variables, dataset=config.dataset, data_dir=data_dir,
+      resolution=config.resolution, calib_split=config.train_split,
+      calib_batch_size=config.eval.calib_batch_size, calib_batches=config.eval.calib_batches,
+      seed=config.seed + 1, split=config.test_split, batch_size=config.eval.batch_size,
+      chunk_size=1, archs_per_call=1)
+  expected = evaluator.calibrated_variables(teacher.space.largest())["batch_stats"]
+  for got, want in zip(jax.tree.leaves(calibrated), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  moved = [float(jnp.max(jnp.abs(g - s))) for g, s in
+           zip(jax.tree.leaves(calibrated), jax.tree.leaves(teacher.variables["batch_stats"]))]
+  assert max(moved) > 1e-2   # the stored averages are not the largest network's statistics
 
 
 def test_inplace_distillation_does_not_flow_into_the_teacher():
