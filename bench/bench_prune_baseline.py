@@ -50,7 +50,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ofajax import bn, channel_sorting, cost, evaluation, models
+from ofajax import channel_sorting, cost, evaluation, models, starting_weights
 from ofajax import train as training
 from ofajax.models import OFAMobileNetV3
 from ofajax.workdir import Checkpoints, load_supernet, write_config
@@ -135,12 +135,12 @@ def teacher_workdir(sup, search_config: dict, out: str) -> str:
   as the search calibrates), for ``config.teacher_workdir``."""
   shutil.rmtree(out, ignore_errors=True)
   train = sup.config
-  images = evaluation.calibration_inputs(
-      train.dataset, search_config["calib_split"] or train.train_split, train.data_dir or None,
-      search_config["calib_batch_size"], search_config["calib_batches"],
-      search_config["seed"] + 1, int(train.resolution))
-  stats = jax.jit(bn.calibrate_one, static_argnums=0)(sup.model, sup.variables,
-                                                       sup.space.largest(), images)
+  calib = ml_collections.ConfigDict(train.to_dict())
+  calib.train_split = search_config["calib_split"] or train.train_split
+  calib.seed = search_config["seed"]
+  calib.eval.calib_batch_size = search_config["calib_batch_size"]
+  calib.eval.calib_batches = search_config["calib_batches"]
+  stats = starting_weights.calibrated_teacher(sup, calib)["batch_stats"]
   write_config(out, train)
   ckpt = Checkpoints(out, keep=1)
   ckpt.save(sup.step, {"params": sup.variables["params"], "batch_stats": stats},
