@@ -17,7 +17,7 @@ import pytest
 import qwix
 
 from configs.search import autoslim
-from ofajax import evaluation, export, quantize, serve
+from ofajax import evaluation, export, qat, quantize, serve
 from ofajax.search import int8
 from ofajax.search.run import run_search, search_evaluator
 from ofajax.workdir import load_supernet
@@ -28,6 +28,10 @@ RES = 8
 # small logit margins, so rounding flips more predictions than on the default workdir (where
 # the drop is 0.1-0.4 points, docs/deployment.md). Measured here: 1.7 points (6 images).
 MAX_DROP = 0.03
+# Cosine of QAT's straight-through gradients with the float model's, per top-level module:
+# (lowest, median) must exceed these. Measured on the session's tiny supernet (8x8 digits,
+# coarse roundings): 0.71 and 0.87; on the default workdir 0.985 and 0.99.
+COSINE_MIN = (0.5, 0.8)
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +314,76 @@ def test_bad_input_is_named(setup, largest):
     qmodel.apply(qmodel.variables, jnp.asarray(calib[0]), train=True)
 
 
+def _first_batch(setup):
+  b = next(iter(_test_batches(setup)))
+  return jnp.asarray(b["inputs"]), jnp.asarray(b["label"], jnp.int32)
+
+
+def _cross_entropy(logits, labels):
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
+
+
+def test_qat_simulates_the_int8_model_with_gradients_that_follow_the_float_ones(largest, setup):
+  _, _, qmodel = largest
+  x, labels = _first_batch(setup)
+  deq = quantize.dequantize_kernels(qmodel.variables)
+  simulated = jax.jit(lambda v: qat.simulated_logits(qmodel, v, x))(deq)
+  real = qmodel.logits_fn(x)
+  # the same roundings in float32: the same predictions but where a rounding boundary differs
+  assert np.mean(np.argmax(simulated, -1) == np.argmax(real, -1)) >= 0.97
+  assert float(jnp.max(jnp.abs(simulated - real))) < 0.1 * float(jnp.max(jnp.abs(real)))
+
+  def float_loss(params):  # the folded float model, no rounding
+    with quantize.folded_batchnorm(qmodel.folded):
+      return _cross_entropy(qmodel.model.apply({**deq, "params": params}, x, train=False), labels)
+
+  int8_loss = lambda p: _cross_entropy(qat.simulated_logits(qmodel, {**deq, "params": p}, x),
+                                       labels)
+  got, want = (jax.jit(jax.grad(f))(deq["params"]) for f in (int8_loss, float_loss))
+  # straight through the roundings: every module's gradient points where the float one does
+  # (Qwix's own QT ops with fixed activation ranges gave cosines down to -0.6 in early layers)
+  cosines = {}
+  for name in want:
+    a, b = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(g[name])]) for g in (got, want))
+    cosines[name] = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+  assert min(cosines.values()) > COSINE_MIN[0], cosines
+  assert np.median(list(cosines.values())) > COSINE_MIN[1], cosines
+
+
+def test_qat_lowers_the_int8_loss_and_keeps_int8_kernels(largest, setup, tmp_path):
+  _, _, qmodel = largest
+  x, labels = _first_batch(setup)
+  tuned, losses = qat.finetune(qmodel, [{"inputs": x, "label": labels}] * 20, steps=20,
+                               learning_rate=1e-3)
+  assert len(losses) == 20 and losses[-1] < 0.8 * losses[0]
+  # what the served int8 model computes fell too
+  before, after = (float(_cross_entropy(m.logits_fn(x), labels)) for m in (qmodel, tuned))
+  assert after < 0.8 * before
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      tuned.variables["params"], is_leaf=lambda v: isinstance(v, qwix.QArray)):
+    if path[-1].key == "kernel":
+      assert isinstance(leaf, qwix.QArray) and leaf.qvalue.dtype == jnp.int8
+  path = str(tmp_path / "qat.stablehlo")
+  quantize.save_stablehlo(tuned, path, RES)
+  np.testing.assert_allclose(export.load_stablehlo(path)(x), tuned.logits_fn(x), atol=1e-5)
+
+
+def test_qat_bad_input_is_named(largest, setup):
+  model, variables, qmodel = largest
+  x, labels = _first_batch(setup)
+  batch = {"inputs": x, "label": labels}
+  with pytest.raises(ValueError, match="steps .* must be >= 1, got 0"):
+    qat.finetune(qmodel, [batch], steps=0)
+  with pytest.raises(ValueError, match="ran out after 1 of 2 QAT steps"):
+    qat.finetune(qmodel, [batch], steps=2)
+  with pytest.raises(FloatingPointError, match="loss became nan at step 0"):
+    # (NaN inputs would not do: int8 rounding turns them into zeros; a NaN teacher does)
+    qat.finetune(qmodel, [batch], steps=1, teacher=lambda x: jnp.full((len(x), 10), jnp.nan))
+  dynamic = quantize.quantize(model, variables, setup[2], activations="dynamic")
+  with pytest.raises(ValueError, match="static activation ranges"):
+    qat.finetune(dynamic, [batch], steps=1)
+
+
 def test_search_rechooses_by_int8_and_exports_a_servable_int8_subnet(tmp_path, trained_workdir):
   workdir = str(tmp_path / "workdir")
   shutil.copytree(trained_workdir[0], workdir)
@@ -317,6 +391,7 @@ def test_search_rechooses_by_int8_and_exports_a_servable_int8_subnet(tmp_path, t
   config.calib_batches, config.calib_batch_size, config.valid_batch_size = 1, 32, 120
   config.engine.chunk_size = 4
   config.target_fractions, config.quantize, config.quantize_candidates = (0.55, 0.8), "int8", 1
+  config.qat_steps, config.qat_batch_size = 2, 32  # QAT before testing and export
   result = run_search(config, workdir)
   small, row = result["chosen"]
   for chosen in (small, row):
@@ -332,6 +407,10 @@ def test_search_rechooses_by_int8_and_exports_a_servable_int8_subnet(tmp_path, t
   assert 0.3 < row["int8_test_top1"] <= 1.0  # chance is 0.1; the tiny supernet is weak (~55%)
   summary = json.load(open(os.path.join(row["export_dir"], "summary.json")))
   assert summary["int8"]["bytes"] < summary["int8"]["float_bytes"]
+  qat_report = summary["int8"]["qat"]
+  assert qat_report["steps"] == 2 and qat_report == row["int8_qat"]
+  assert qat_report["val_top1_before"] == row["int8_top1"] and row["int8_qat_top1"] == qat_report[
+      "val_top1"] and qat_report["first_loss"] > 0
   # serve.py loads the int8 artifact like a float one (summary.json lies next to it)
   classifier = serve.load(row["int8_export"])
   images, labels = serve_inputs(workdir)
@@ -342,6 +421,11 @@ def test_search_rechooses_by_int8_and_exports_a_servable_int8_subnet(tmp_path, t
   with pytest.raises(ValueError, match=r"config.quantize must be '' \(float only\) or 'int8', "
                                        "got 'int4'"):
     run_search(_with(config, quantize="int4"), workdir)
+  with pytest.raises(ValueError, match="config.qat_steps fine-tunes int8 subnets: set "
+                                       "config.quantize=int8 too"):
+    run_search(_with(config, quantize=""), workdir)
+  with pytest.raises(ValueError, match="qat_loss must be one of .*got 'kl'"):
+    run_search(_with(config, qat_loss="kl"), workdir)
 
 
 def _with(config, **overrides):

@@ -73,4 +73,11 @@ def base_config(name: str, method: str) -> ml_collections.ConfigDict:
   # model_int8.stablehlo next to model.stablehlo (docs/deployment.md). "": float only.
   c.quantize = ""
   c.quantize_candidates = 4
+  # With quantize=int8: quantization-aware fine-tune of each chosen int8 subnet (ofajax/qat.py)
+  # before it is tested and exported; 0: post-training quantization only. qat_loss: "labels"
+  # (cross-entropy) or "float_teacher" (the float subnet's outputs as soft targets).
+  c.qat_steps = 0
+  c.qat_learning_rate = 1e-4
+  c.qat_batch_size = 64
+  c.qat_loss = "labels"
   return c

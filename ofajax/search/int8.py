@@ -11,6 +11,12 @@ choice, and those scored for smaller targets that fit. The best of them by int8 
 int8 model takes its BN statistics from the engine's calibration of that arch (what the float
 score used) and its activation ranges from the engine's calibration batches (training data).
 
+With ``config.qat_steps`` > 0, each chosen subnet's int8 model is then fine-tuned with
+quantization in the loop (:func:`ofajax.qat.finetune`: ``qat_steps`` Adam steps at
+``qat_learning_rate`` on augmented training batches of ``qat_batch_size``, against the labels or,
+with ``qat_loss="float_teacher"``, against the float subnet's outputs); its validation top-1
+before and after is reported, and the fine-tuned model is what is tested and exported.
+
 For the chosen subnets it then measures int8 test top-1 (reported only, as for float) and writes
 ``model_int8.stablehlo`` next to the float ``model.stablehlo`` of each export, with an
 ``"int8"`` entry in its ``summary.json``: ``serve.py <export dir>/model_int8.stablehlo`` serves it.
@@ -24,10 +30,11 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from ofajax import evaluation, export, quantize
+from ofajax import data, evaluation, export, qat, quantize
 from ofajax.search import pareto
 
 MODES = ("", "int8")
+QAT_LOSSES = ("labels", "float_teacher")
 ARTIFACT = "model_int8.stablehlo"
 
 
@@ -38,6 +45,14 @@ def check_config(config) -> None:
   if config.quantize and config.quantize_candidates < 1:
     raise ValueError("config.quantize_candidates (archs re-scored in int8 per target) must be "
                      f">= 1, got {config.quantize_candidates}")
+  steps = config.get("qat_steps", 0)
+  if steps and not config.quantize:
+    raise ValueError("config.qat_steps fine-tunes int8 subnets: set config.quantize=int8 too")
+  if steps < 0 or (steps and (config.qat_batch_size < 1 or not config.qat_learning_rate > 0)):
+    raise ValueError(f"QAT needs qat_steps >= 0, qat_batch_size >= 1 and qat_learning_rate > 0; "
+                     f"got {steps}, {config.qat_batch_size}, {config.qat_learning_rate}")
+  if steps and config.qat_loss not in QAT_LOSSES:
+    raise ValueError(f"config.qat_loss must be one of {QAT_LOSSES}, got {config.qat_loss!r}")
 
 
 def top1(logits_fn, batches) -> float:
@@ -69,10 +84,7 @@ class Int8Scorer:
     key = self._key(record)
     if key not in self._models:
       engine = self.scorer.evaluator(record["resolution"])
-      arch = self.sup.space.validate(record["arch"])
-      dense = export.extract_subnet(self.sup.model, engine.calibrated_variables(arch), arch,
-                                    self.sup.space)
-      self._models[key] = quantize.quantize(*dense, engine.calib_inputs)
+      self._models[key] = quantize.quantize(*self._float_subnet(record), engine.calib_inputs)
     return self._models[key]
 
   def score(self, record) -> float:
@@ -115,12 +127,45 @@ class Int8Scorer:
     split = config.test_split or train.get("test_split", "test")
     for row in rows:
       qmodel = self.model(row)
+      if config.get("qat_steps", 0):
+        qmodel, row["int8_qat"] = self.finetuned(config, row, qmodel)
+        row["int8_qat_top1"] = row["int8_qat"]["val_top1"]
       if config.report_test:
         _, batches = evaluation.eval_batches(train.dataset, split, train.data_dir or None,
                                              config.valid_batch_size, row["resolution"])
         row["int8_test_top1"] = top1(qmodel.logits_fn, batches)
       if row.get("export_dir") and is_main:
         row["int8_export"] = write_artifact(qmodel, row, row["export_dir"])
+
+  def finetuned(self, config, row: dict, qmodel) -> tuple[quantize.Int8Model, dict]:
+    """``qmodel`` after ``config.qat_steps`` of QAT (module docstring), and what to report."""
+    train = self.sup.config
+    source = data.load(train.dataset, train.train_split, train.data_dir or None,
+                       train.get("tokenizer") or None)
+    spec = qmodel.input_spec
+    batches = data.make_train_iterator(
+        source, batch_size=config.qat_batch_size, seed=config.seed + 2,
+        resolution=row["resolution"], augment=train.get("augment", "none"),
+        dataset=train.dataset, vocab_size=getattr(spec, "vocab_size", None) or None)
+    teacher = None
+    if config.qat_loss == "float_teacher":
+      dense, variables = self._float_subnet(row)
+      teacher = lambda x: dense.apply(variables, x, train=False)
+    tuned, losses = qat.finetune(qmodel, batches, steps=config.qat_steps,
+                                 learning_rate=config.qat_learning_rate, teacher=teacher)
+    engine = self.scorer.evaluator(row["resolution"])
+    report = {"steps": config.qat_steps, "learning_rate": config.qat_learning_rate,
+              "batch_size": config.qat_batch_size, "loss": config.qat_loss,
+              "first_loss": losses[0], "last_loss": losses[-1],
+              "val_top1_before": self.score(row), "val_top1": top1(tuned.logits_fn,
+                                                                  engine.batches())}
+    return tuned, report
+
+  def _float_subnet(self, record):
+    engine = self.scorer.evaluator(record["resolution"])
+    arch = self.sup.space.validate(record["arch"])
+    return export.extract_subnet(self.sup.model, engine.calibrated_variables(arch), arch,
+                                 self.sup.space)
 
 
 def write_artifact(qmodel, row: dict, export_dir: str) -> str:
@@ -134,7 +179,7 @@ def write_artifact(qmodel, row: dict, export_dir: str) -> str:
                      "float_bytes": os.path.getsize(os.path.join(export_dir, "model.stablehlo")),
                      "activations": "static", "depthwise": "float",
                      "val_top1": row.get("int8_top1"),
-                     "test_top1": row.get("int8_test_top1")}
+                     "test_top1": row.get("int8_test_top1"), "qat": row.get("int8_qat")}
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
   return path

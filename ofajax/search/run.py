@@ -92,7 +92,7 @@ def _check_config(config) -> None:
                      f"'segments' (per-segment table), got {config.latency.method!r}")
   if any(not 0 < f <= 1 for f in config.target_fractions):
     raise ValueError(f"config.target_fractions must lie in (0, 1], got {config.target_fractions}")
-  if config.get("quantize"):
+  if config.get("quantize") or config.get("qat_steps"):
     int8.check_config(config)
 
 
@@ -484,6 +484,8 @@ def _write_results(config, result: dict, out_dir: str, latency: bool) -> None:
               else [])
   columns += [("test_top1", "test top-1")]
   if config.get("quantize"):
-    columns += [("int8_top1", "int8 val"), ("int8_test_top1", "int8 test")]
+    columns += [("int8_top1", "int8 val")]
+    columns += [("int8_qat_top1", "int8 val after QAT")] if config.get("qat_steps") else []
+    columns += [("int8_test_top1", "int8 test")]
   print(reporting.format_table(result["chosen"], columns))
   print(f"results in {out_dir} ({result['seconds']:.0f} s)")
