@@ -41,7 +41,7 @@ def test_train_and_evaluate_end_to_end_and_exact_resume(tmp_path, data_dir, trai
     assert set(r) == {"name", "arch", "macs", "params", "top1"}
     assert r["top1"] >= 0.2, r  # it learned: twice chance on 10 classes after 60 steps
   by_name = {r["name"]: r for r in records}
-  assert by_name["largest"]["top1"] >= 0.3  # measured 0.43 (smallest 0.34) on 2 CPU cores
+  assert by_name["largest"]["top1"] >= 0.3  # measured 0.52 (smallest 0.43) on 2 CPU cores
   assert by_name["largest"]["macs"] > by_name["smallest"]["macs"]
   assert json.load(open(os.path.join(full, "eval.json"))) == records
   lines = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
