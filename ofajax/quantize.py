@@ -84,8 +84,9 @@ _WEIGHT_CALIBRATION = f"absmax,{(np.iinfo(np.int8).max + 0.5) / np.iinfo(np.int8
 @dataclasses.dataclass(frozen=True)
 class Int8Model:
   """An int8 dense model that behaves like the float one: ``apply(variables, x, train=False)``
-  (``variables``: :attr:`variables`; call it inside ``jax.jit``), or ``model(x)`` (jitted). ``ranges``: {module path: static input
-  absmax} of the quantized modules (None: dynamic activations)."""
+  (``variables``: :attr:`variables`; call it inside ``jax.jit``), or ``model(x)`` (jitted).
+  ``ranges``: {module path: static input absmax} of the quantized modules (None: dynamic
+  activations)."""
   model: nn.Module
   variables: dict
   ranges: dict | None

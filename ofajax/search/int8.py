@@ -142,11 +142,10 @@ class Int8Scorer:
     train = self.sup.config
     source = data.load(train.dataset, train.train_split, train.data_dir or None,
                        train.get("tokenizer") or None)
-    spec = qmodel.input_spec
     batches = data.make_train_iterator(
         source, batch_size=config.qat_batch_size, seed=config.seed + 2,
         resolution=row["resolution"], augment=train.get("augment", "none"),
-        dataset=train.dataset, vocab_size=getattr(spec, "vocab_size", None) or None)
+        dataset=train.dataset, vocab_size=qmodel.input_spec.vocab_size or None)
     teacher = None
     if config.qat_loss == "float_teacher":
       dense, variables = self._float_subnet(row)
